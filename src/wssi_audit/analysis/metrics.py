@@ -1,0 +1,240 @@
+"""Norms in log space: per layer, per chain, per residual block, and for the whole model."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ..ir import Graph
+from ..ops import Role, spec_of
+from .structure import Chain, ResidualBlock, Structure, WeightLayer
+from .weights import effective_weight
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class LayerNorms:
+    frobenius: float
+    spectral: float | None
+    bias_norm: float | None
+    parameters: int
+    log10_frobenius: float  # -inf for an all-zero weight
+    log10_operator_factor: float  # log10 of the conv overlap factor sqrt(prod ceil(k/s))
+
+
+def _log10(value: float) -> float:
+    return math.log10(value) if value > 0 else NEG_INF
+
+
+def log10_sum_exp10(values: list[float]) -> float:
+    """log10(sum 10^v) without overflow."""
+    finite = [v for v in values if v != NEG_INF]
+    if not finite:
+        return NEG_INF
+    top = max(finite)
+    return top + math.log10(sum(10.0 ** (v - top) for v in finite))
+
+
+def _kernel_matrices(layer: WeightLayer, weight: torch.Tensor) -> torch.Tensor:
+    """(groups, rows, cols): the blocks whose largest singular value is the layer's spectral norm."""
+    if layer.op == "linear":
+        return weight.reshape(1, weight.shape[0], -1)
+    groups = int(layer.attrs.get("groups", 1) or 1)
+    return weight.reshape(groups, weight.shape[0] // groups, -1)
+
+
+def spectral_norms(matrices: list[torch.Tensor], iterations: int = 50, tol: float = 1e-7) -> list[float]:
+    """Largest singular value of each (groups, m, n) stack, by batched power iteration.
+
+    Matrices of one shape run together; a stack's value is the max over its groups.
+    Power iteration converges from below: this is an estimate, never above the truth.
+    """
+    by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for index, matrix in enumerate(matrices):
+        by_shape[tuple(matrix.shape[1:])].append(index)
+    result = [0.0] * len(matrices)
+    generator = torch.Generator().manual_seed(0)
+    for (rows, cols), indices in by_shape.items():
+        stack = torch.cat([matrices[i] for i in indices])  # (sum groups, m, n)
+        vector = torch.ones(stack.shape[0], cols, 1, dtype=stack.dtype)
+        vector += 0.1 * torch.randn(vector.shape, generator=generator, dtype=stack.dtype)
+        previous = torch.zeros(stack.shape[0], dtype=stack.dtype)
+        sigma = previous
+        for _ in range(iterations):
+            vector = vector / vector.norm(dim=1, keepdim=True).clamp_min(1e-300)
+            image = torch.bmm(stack, vector)
+            sigma = image.norm(dim=(1, 2))
+            vector = torch.bmm(stack.transpose(1, 2), image)
+            if torch.all((sigma - previous).abs() <= tol * sigma.clamp_min(1e-300)):
+                break
+            previous = sigma
+        offset = 0
+        for i in indices:
+            groups = matrices[i].shape[0]
+            result[i] = float(sigma[offset : offset + groups].max())
+            offset += groups
+    return result
+
+
+def operator_factor(layer: WeightLayer, weight: torch.Tensor) -> float:
+    """||conv operator|| <= sqrt(max outputs reading one input) * ||K||: that square root."""
+    if layer.op == "linear":
+        return 1.0
+    kernel = list(weight.shape[2:])
+    stride = layer.attrs.get("stride", 1)
+    stride = list(stride) if isinstance(stride, (list, tuple)) else [stride] * len(kernel)
+    dilation = layer.attrs.get("dilation", 1)
+    dilation = list(dilation) if isinstance(dilation, (list, tuple)) else [dilation] * len(kernel)
+    if len(stride) == 1:
+        stride = stride * len(kernel)
+    if any(int(d) != 1 for d in dilation):
+        return math.sqrt(math.prod(kernel))
+    return math.sqrt(math.prod(math.ceil(k / int(s)) for k, s in zip(kernel, stride)))
+
+
+def layer_norms(layers: list[WeightLayer], tensors: Mapping[str, torch.Tensor], spectral: bool = True) -> dict[str, LayerNorms]:
+    effective = [effective_weight(layer, tensors) for layer in layers]
+    sigmas = (
+        spectral_norms([_kernel_matrices(layer, w) for layer, (w, _) in zip(layers, effective)])
+        if spectral and layers
+        else [None] * len(layers)
+    )
+    result: dict[str, LayerNorms] = {}
+    for layer, (weight, bias), sigma in zip(layers, effective, sigmas):
+        frobenius = float(torch.linalg.vector_norm(weight))
+        count = tensors[layer.weight].numel() + (tensors[layer.bias].numel() if layer.bias else 0)
+        result[layer.name] = LayerNorms(
+            frobenius=frobenius,
+            spectral=sigma,
+            bias_norm=float(torch.linalg.vector_norm(bias)) if bias is not None else None,
+            parameters=int(count),
+            log10_frobenius=_log10(frobenius),
+            log10_operator_factor=math.log10(operator_factor(layer, weight)),
+        )
+    return result
+
+
+@dataclass
+class ChainMetrics:
+    log10_intrinsic_norm: float
+    imbalance_decades: float
+    log10_wd_excess: float
+
+
+def chain_metrics(chain: Chain, norms: Mapping[str, LayerNorms]) -> ChainMetrics:
+    logs = [norms[layer.name].log10_frobenius for layer in chain.layers]
+    total = sum(logs)
+    if any(v == NEG_INF for v in logs):
+        return ChainMetrics(NEG_INF, float("inf"), float("inf"))
+    count = len(logs)
+    # sum ||W||^2 / (L N^(2/L)), in log10.
+    excess = log10_sum_exp10([2 * v for v in logs]) - math.log10(count) - 2.0 * total / count
+    return ChainMetrics(total, max(logs) - min(logs), max(excess, 0.0))
+
+
+def block_log10_branch_norm(block: ResidualBlock, norms: Mapping[str, LayerNorms]) -> float:
+    return sum(norms[layer.name].log10_frobenius for layer in block.branch.layers)
+
+
+def log10_input_gradient_bound(graph: Graph, structure: Structure, norms: Mapping[str, LayerNorms]) -> tuple[float | None, str]:
+    """log10 of a Lipschitz bound on the model, propagated through the graph (science.md s.5).
+
+    Weight layers contribute ||W_eff||_F times the conv overlap factor; joins add, concats
+    add in quadrature. Reduces to prod ||W|| for a plain chain and to
+    ||W_in|| ||W_out|| prod (||s_b|| + prod ||V||) for a residual net. Returns (None, why)
+    when some op on the way has no known Lipschitz constant.
+    """
+    layer_at = {layer.node: layer for layer in structure.layers}
+    folded = {layer.bn.node for layer in structure.layers if layer.bn is not None}
+    bound: dict[str, float | None] = {}
+    first_unbounded = ""
+    for node in graph.nodes.values():
+        if node.op == "input":
+            bound[node.name] = 0.0
+            continue
+        if node.op in ("shape", "constant"):
+            continue
+        inputs = [bound.get(name) for name in node.inputs]
+        if any(v is None for v in inputs) or not inputs:
+            bound[node.name] = None
+            continue
+        spec = spec_of(node.op)
+        if node.name in layer_at:
+            layer = layer_at[node.name]
+            lip = norms[layer.name].log10_frobenius + norms[layer.name].log10_operator_factor
+            bound[node.name] = inputs[0] + lip
+        elif node.name in folded:
+            bound[node.name] = inputs[0]
+        elif node.op in ("add", "sub"):
+            bound[node.name] = log10_sum_exp10(inputs)
+        elif node.op in ("cat", "output"):
+            bound[node.name] = 0.5 * log10_sum_exp10([2 * v for v in inputs])
+        elif node.op in ("linear", "conv", "conv_transpose") and "weight" in node.params:
+            weight = graph.tensors[node.params["weight"]].double()
+            bound[node.name] = inputs[0] + _log10(float(weight.norm())) + (
+                0.0 if node.op == "linear" else math.log10(math.sqrt(math.prod(weight.shape[2:])))
+            )
+        elif node.op == "split":
+            bound[node.name] = inputs[0]
+        elif node.op in ("scale_param", "prelu"):
+            key = node.params.get("scale") or node.params.get("weight")
+            inverse = node.params.get("inverse_scale")
+            if inverse is not None:
+                smallest = float(graph.tensors[inverse].abs().min())
+                bound[node.name] = inputs[0] - _log10(smallest) if smallest > 0 else None
+            elif key is not None:
+                largest = float(graph.tensors[key].abs().max())
+                if node.op == "prelu":
+                    largest = max(largest, 1.0)
+                bound[node.name] = inputs[0] + _log10(largest)
+            else:
+                bound[node.name] = None
+        elif node.op == "batch_norm" and all(r in node.params for r in ("weight", "running_var")):
+            gamma = graph.tensors[node.params["weight"]].double()
+            var = graph.tensors[node.params["running_var"]].double()
+            scale = float((gamma / torch.sqrt(var + float(node.attrs.get("eps", 1e-5)))).abs().max())
+            bound[node.name] = inputs[0] + _log10(scale)
+        elif spec is not None and spec.role in (Role.HOMOGENEOUS, Role.BARRIER) and len(inputs) == 1:
+            lip = spec.lipschitz_of(node.attrs)
+            bound[node.name] = None if lip is None else inputs[0] + _log10(lip)
+        else:
+            bound[node.name] = None
+        if bound[node.name] is None and not first_unbounded:
+            first_unbounded = node.name
+    outputs = [bound.get(node.name) for node in graph.outputs()]
+    if not outputs or any(v is None for v in outputs):
+        culprit = graph.nodes[first_unbounded] if first_unbounded else None
+        if culprit is None:
+            return None, "no output depends on an input"
+        return None, f"no Lipschitz bound through '{culprit.label}' ({culprit.op})"
+    return 0.5 * log10_sum_exp10([2 * v for v in outputs]), ""
+
+
+def log10_path2_norm(graph: Graph, structure: Structure) -> float | None:
+    """Path-2 norm of a model that is one plain chain of Linear layers, else None.
+
+    sqrt(1^T |W_L|^2 ... |W_1|^2 1): one forward pass of squared weights on an all-ones input.
+    """
+    if len(structure.chains) != 1 or any(s.status.value in ("barrier", "unknown") for s in structure.statuses.values()):
+        return None
+    chain = structure.chains[0]
+    if any(layer.op != "linear" for layer in chain.layers) or len(graph.inputs()) != 1:
+        return None
+    vector: torch.Tensor | None = None
+    log_scale = 0.0
+    for layer in chain.layers:
+        weight, _ = effective_weight(layer, graph.tensors)
+        squared = weight.square()
+        vector = squared.sum(dim=1) if vector is None else squared @ vector
+        top = float(vector.max())
+        if top <= 0:
+            return NEG_INF
+        vector = vector / top
+        log_scale += math.log10(top)
+    assert vector is not None
+    return 0.5 * (log_scale + math.log10(float(vector.sum())))

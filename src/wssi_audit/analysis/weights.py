@@ -1,0 +1,80 @@
+"""Effective (BatchNorm-folded) weights, and writing a scale shift back into real tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from .structure import WeightLayer
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+def _bn_scale(layer: WeightLayer, tensors: Tensors) -> torch.Tensor:
+    bn = layer.bn
+    assert bn is not None
+    gamma = tensors[bn.weight].double()
+    var = tensors[bn.running_var].double()
+    return gamma / torch.sqrt(var + bn.eps)
+
+
+def _scale_out_channels(layer: WeightLayer, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """diag(scale) applied on the output channels of a weight of any layer kind."""
+    if layer.op != "conv_transpose":
+        return weight * scale.view(-1, *([1] * (weight.dim() - 1)))
+    groups = int(layer.attrs.get("groups", 1) or 1)
+    in_channels, out_per_group = weight.shape[0], weight.shape[1]
+    grouped = weight.reshape(groups, in_channels // groups, out_per_group, *weight.shape[2:])
+    grouped = grouped * scale.view(groups, 1, out_per_group, *([1] * (weight.dim() - 2)))
+    return grouped.reshape(weight.shape)
+
+
+def out_channels(layer: WeightLayer, weight: torch.Tensor) -> int:
+    if layer.op == "conv_transpose":
+        return weight.shape[1] * int(layer.attrs.get("groups", 1) or 1)
+    return weight.shape[0]
+
+
+def effective_weight(layer: WeightLayer, tensors: Tensors) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W_eff, b_eff) in float64: the layer's map with its eval-mode BatchNorm folded in."""
+    weight = tensors[layer.weight].detach().double()
+    bias = tensors[layer.bias].detach().double() if layer.bias else None
+    if layer.bn is None:
+        return weight, bias
+    bn = layer.bn
+    scale = _bn_scale(layer, tensors)
+    mean = tensors[bn.running_mean].double()
+    beta = tensors[bn.bias].double()
+    conv_bias = bias if bias is not None else torch.zeros_like(mean)
+    return _scale_out_channels(layer, weight, scale), scale * (conv_bias - mean) + beta
+
+
+def shift_layers(layers: list[WeightLayer], log10_factors: list[float], tensors: Tensors) -> dict[str, torch.Tensor]:
+    """Tensors realising the weight scale shift W_l -> g_l W_l, b_l -> c_l b_l (science.md s.1).
+
+    `log10_factors` must sum to zero (prod g_l = 1); the cumulative factor of the last layer
+    is set to exactly 1. Folded layers are shifted through their BatchNorm's gamma and beta,
+    so the real module computes the shifted effective map. Returns state_dict key -> float64
+    tensor (cast before writing into a model).
+    """
+    overrides: dict[str, torch.Tensor] = {}
+    cumulative = 0.0
+    for index, (layer, log_g) in enumerate(zip(layers, log10_factors)):
+        cumulative += log_g
+        g = 10.0**log_g
+        c = 1.0 if index == len(layers) - 1 else 10.0**cumulative
+        if layer.bn is None:
+            overrides[layer.weight] = tensors[layer.weight].double() * g
+            if layer.bias:
+                overrides[layer.bias] = tensors[layer.bias].double() * c
+            continue
+        bn = layer.bn
+        scale = _bn_scale(layer, tensors)
+        mean = tensors[bn.running_mean].double()
+        conv_bias = tensors[layer.bias].double() if layer.bias else torch.zeros_like(mean)
+        beta = tensors[bn.bias].double()
+        overrides[bn.weight] = tensors[bn.weight].double() * g
+        new_beta = (c - g) * scale * (conv_bias - mean) + c * beta
+        overrides[bn.bias] = new_beta
+    return overrides

@@ -1,0 +1,73 @@
+"""Front-ends: anything -> the internal `Graph`. Analyses never import from here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import TraceError
+from ..ir import Graph, make_module_runner
+from .torch_export import example_inputs_of, export_module, trace_export
+from .torch_fx import trace_fx
+
+METHODS = ("auto", "fx", "export")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:240]
+
+
+def graph_from_module(module: nn.Module, example_inputs: Sequence[Any] | None, method: str = "auto") -> Graph:
+    """Trace an nn.Module: FX first (untraceable parts as leaves), torch.export as fallback."""
+    if method not in METHODS:
+        raise TraceError(f"unknown trace method '{method}' (choose from {', '.join(METHODS)})")
+    module = module.eval()
+    count = sum(p.numel() for p in module.parameters())
+    fx_graph: Graph | None = None
+    fx_error: BaseException | None = None
+    if method in ("auto", "fx"):
+        try:
+            fx_graph = trace_fx(module, example_inputs)
+        except Exception as error:  # noqa: BLE001 - any tracing failure means: try the next way
+            fx_error = error
+        if fx_graph is not None and (fx_graph.method == "fx" or method == "fx" or example_inputs is None):
+            fx_graph.parameter_count = count
+            return fx_graph
+    if example_inputs is None:
+        raise TraceError(
+            f"symbolic tracing failed ({_first_line(fx_error)}); "
+            "give an example input shape (--input-shape) so that torch.export can be tried"
+        )
+    try:
+        program = export_module(module, example_inputs)
+    except Exception as error:  # noqa: BLE001
+        if fx_graph is not None:
+            fx_graph.parameter_count = count
+            return fx_graph
+        reason = f"symbolic tracing failed ({_first_line(fx_error)}); " if fx_error else ""
+        raise TraceError(f"{reason}torch.export failed ({_first_line(error)})") from None
+    graph = trace_export(program, None, method="export")
+    graph.runner = make_module_runner(module, example_inputs)
+    graph.parameter_count = count
+    return graph
+
+
+def graph_from_program(program: torch.export.ExportedProgram, example_inputs: Sequence[Any] | None) -> Graph:
+    inputs = example_inputs if example_inputs is not None else example_inputs_of(program)
+    graph = trace_export(program, inputs, method="torch.export")
+    graph.parameter_count = sum(program.state_dict[k].numel() for k in program.graph_signature.inputs_to_parameters.values())
+    return graph
+
+
+def build_graph(model: Any, example_inputs: Sequence[Any] | None = None, method: str = "auto") -> Graph:
+    if isinstance(model, Graph):
+        return model
+    if isinstance(model, torch.export.ExportedProgram):
+        return graph_from_program(model, example_inputs)
+    if isinstance(model, nn.Module):
+        return graph_from_module(model, example_inputs, method)
+    raise TraceError(f"cannot analyse an object of type {type(model).__name__}")

@@ -1,0 +1,103 @@
+"""torch.fx symbolic tracing front-end, with leaf fallback for untraceable submodules."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..ir import Graph, Unanalyzed, make_module_runner
+from .fx_convert import FxConverter
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaves: set[str]) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.leaves or super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(module: nn.Module, leaves: set[str]) -> fx.GraphModule:
+    tracer = _LeafTracer(leaves)
+    graph = tracer.trace(module)
+    return fx.GraphModule(tracer.root, graph)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
+
+
+def find_untraceable(module: nn.Module, prefix: str = "") -> dict[str, str]:
+    """Deepest submodules that fail symbolic tracing on their own: path -> reason."""
+    found: dict[str, str] = {}
+    for name, child in module.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        if fx.Tracer().is_leaf_module(child, path):
+            continue
+        try:
+            _trace(child, set())
+        except Exception as error:  # noqa: BLE001 - any tracing failure makes it a leaf
+            inner = find_untraceable(child, path)
+            if inner:
+                # Retry the child with its own bad parts as leaves; if it still fails, it is a leaf.
+                try:
+                    _trace(child, {p[len(path) + 1 :] for p in inner})
+                    found.update(inner)
+                except Exception:  # noqa: BLE001
+                    found[path] = _first_line(error)
+            else:
+                found[path] = _first_line(error)
+    return found
+
+
+def _tensor_nodes_by_running(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> set[str]:
+    """Run the traced module once and note which nodes produce tensors."""
+    tensor_nodes: set[str] = set()
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            result = super().run_node(n)
+            leaves, _ = torch.utils._pytree.tree_flatten(result)
+            if any(isinstance(leaf, torch.Tensor) for leaf in leaves):
+                tensor_nodes.add(n.name)
+            return result
+
+    with torch.no_grad():
+        Recorder(gm).run(*example_inputs)
+    return tensor_nodes
+
+
+def trace_fx(module: nn.Module, example_inputs: Sequence[Any] | None = None) -> Graph:
+    """Symbolically trace `module`; untraceable submodules become opaque leaves.
+
+    Raises the tracing error when the root's own forward cannot be traced.
+    """
+    module = module.eval()
+    leaves: dict[str, str] = {}
+    try:
+        gm = _trace(module, set())
+    except Exception as root_error:  # noqa: BLE001
+        leaves = find_untraceable(module)
+        if not leaves:
+            raise
+        try:
+            gm = _trace(module, set(leaves))
+        except Exception:  # noqa: BLE001
+            raise root_error from None
+    tensor_nodes = None
+    if example_inputs is not None:
+        try:
+            tensor_nodes = _tensor_nodes_by_running(gm, example_inputs)
+        except Exception:  # noqa: BLE001 - the traced module may not run (e.g. data-dependent code)
+            tensor_nodes = None
+    converter = FxConverter(module, {}, tensor_nodes, leaf_reasons=leaves)
+    nodes = converter.convert(gm.graph)
+    unanalyzed = [Unanalyzed(path, f"untraceable submodule, analysed as a black box ({reason})") for path, reason in leaves.items()]
+    tensors = dict(module.state_dict(keep_vars=False))
+    runner = make_module_runner(module, example_inputs) if example_inputs is not None else None
+    return Graph(nodes, tensors, "fx+leaves" if leaves else "fx", unanalyzed, runner)
