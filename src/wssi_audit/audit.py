@@ -12,8 +12,8 @@ import torch
 
 from ._version import __version__
 from .analysis.metrics import (
-    chain_metrics,
     block_log10_branch_norm,
+    chain_metrics,
     layer_norms,
     log10_input_gradient_bound,
     log10_path2_norm,

@@ -63,7 +63,7 @@ def import_modules(names: Sequence[str]) -> None:
     for name in names:
         try:
             importlib.import_module(name)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             raise InputError(f"cannot import '{name}': {type(error).__name__}: {error}") from None
 
 
@@ -78,7 +78,7 @@ def resolve_factory(spec: str) -> Callable[[], nn.Module]:
         sys.path.insert(0, ".")
     try:
         module = importlib.import_module(module_name)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise InputError(f"cannot import '{module_name}' for --arch: {type(error).__name__}: {error}") from None
     factory: Any = module
     for part in attr.split("."):
@@ -99,7 +99,7 @@ def _build_from_state_dict(state: dict[str, torch.Tensor], arch: str | None, pat
     factory = resolve_factory(arch)
     try:
         model = factory()
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise InputError(f"--arch factory '{arch}' failed: {type(error).__name__}: {error}") from None
     if not isinstance(model, nn.Module):
         raise InputError(f"--arch factory '{arch}' returned {type(model).__name__}, not an nn.Module")
@@ -137,7 +137,7 @@ def _is_torchscript(path: Path) -> bool:
 def _load_torchscript(path: Path, example_inputs: tuple[Any, ...] | None) -> LoadedModel:
     try:
         scripted = torch.jit.load(str(path), map_location="cpu")
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise InputError(f"cannot read TorchScript archive {path.name}: {error}"[:300]) from None
     if example_inputs is None:
         raise InputError(
@@ -148,7 +148,7 @@ def _load_torchscript(path: Path, example_inputs: tuple[Any, ...] | None) -> Loa
         from torch._export.converter import TS2EPConverter
 
         program = TS2EPConverter(scripted, tuple(example_inputs)).convert()
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise TraceError(
             f"TorchScript archive {path.name} could not be converted ({type(error).__name__}); "
             "save the model with torch.export.save (.pt2) instead"
@@ -180,7 +180,7 @@ def load_model(
     if suffix == ".pt2":
         try:
             program = torch.export.load(str(path))
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             raise InputError(f"cannot read torch.export archive {path.name}: {_short(error)}") from None
         return LoadedModel(program, "torch.export", str(path), example_inputs)
     if suffix == ".safetensors":
@@ -188,7 +188,7 @@ def load_model(
             from safetensors.torch import load_file
 
             state = load_file(str(path))
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             raise InputError(f"cannot read safetensors file {path.name}: {_short(error)}") from None
         return LoadedModel(_build_from_state_dict(state, arch, path), "safetensors", str(path), example_inputs)
     if suffix not in STATE_DICT_SUFFIXES and not zipfile.is_zipfile(path):
@@ -207,9 +207,9 @@ def load_model(
             ) from None
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=False)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             raise InputError(f"cannot unpickle {path.name}: {_short(error)} (try --import for its classes)") from None
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise InputError(f"cannot read {path.name} as a PyTorch file: {_short(error)}") from None
     if isinstance(obj, nn.Module):
         return LoadedModel(obj.eval(), "pickle", str(path), example_inputs)

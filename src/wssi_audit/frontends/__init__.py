@@ -32,7 +32,7 @@ def graph_from_module(module: nn.Module, example_inputs: Sequence[Any] | None, m
     if method in ("auto", "fx"):
         try:
             fx_graph = trace_fx(module, example_inputs)
-        except Exception as error:  # noqa: BLE001 - any tracing failure means: try the next way
+        except Exception as error:
             fx_error = error
         if fx_graph is not None and (fx_graph.method == "fx" or method == "fx" or example_inputs is None):
             fx_graph.parameter_count = count
@@ -44,7 +44,7 @@ def graph_from_module(module: nn.Module, example_inputs: Sequence[Any] | None, m
         )
     try:
         program = export_module(module, example_inputs)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         if fx_graph is not None:
             fx_graph.parameter_count = count
             return fx_graph

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import builtins
-import re
 import numbers
 import operator
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -118,7 +118,7 @@ class FxConverter:
                 normalized = torch.fx.operator_schemas.normalize_function(
                     fx_node.target, tuple(args), kwargs, normalize_to_only_use_kwargs=True
                 )
-            except Exception:  # noqa: BLE001 - torch raises many kinds here; fall back to positions
+            except Exception:
                 normalized = None
             if normalized is not None:
                 named = dict(normalized.kwargs)

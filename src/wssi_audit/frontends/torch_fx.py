@@ -41,14 +41,14 @@ def find_untraceable(module: nn.Module, prefix: str = "") -> dict[str, str]:
             continue
         try:
             _trace(child, set())
-        except Exception as error:  # noqa: BLE001 - any tracing failure makes it a leaf
+        except Exception as error:
             inner = find_untraceable(child, path)
             if inner:
                 # Retry the child with its own bad parts as leaves; if it still fails, it is a leaf.
                 try:
                     _trace(child, {p[len(path) + 1 :] for p in inner})
                     found.update(inner)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     found[path] = _first_line(error)
             else:
                 found[path] = _first_line(error)
@@ -81,19 +81,19 @@ def trace_fx(module: nn.Module, example_inputs: Sequence[Any] | None = None) -> 
     leaves: dict[str, str] = {}
     try:
         gm = _trace(module, set())
-    except Exception as root_error:  # noqa: BLE001
+    except Exception as root_error:
         leaves = find_untraceable(module)
         if not leaves:
             raise
         try:
             gm = _trace(module, set(leaves))
-        except Exception:  # noqa: BLE001
+        except Exception:
             raise root_error from None
     tensor_nodes = None
     if example_inputs is not None:
         try:
             tensor_nodes = _tensor_nodes_by_running(gm, example_inputs)
-        except Exception:  # noqa: BLE001 - the traced module may not run (e.g. data-dependent code)
+        except Exception:
             tensor_nodes = None
     converter = FxConverter(module, {}, tensor_nodes, leaf_reasons=leaves)
     nodes = converter.convert(gm.graph)

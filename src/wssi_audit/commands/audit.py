@@ -1,0 +1,78 @@
+"""`wssi-audit audit MODEL` (also plain `wssi-audit MODEL`)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from ..audit import analyze
+from ..cli_support import console, handle_errors, write_atomic
+from ..errors import EXIT_INCONSISTENT, InputError
+from ..loading import load_model, parse_input_shape, random_inputs
+from ..render import render_console, render_markdown
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+    markdown = "markdown"
+
+
+# Options shared by every command that loads a model.
+ARCH = typer.Option(None, "--arch", help="Architecture for a state dict: 'package.module:factory'.")
+INPUT_SHAPE = typer.Option(
+    None, "--input-shape", help="Example input shape, e.g. 1,3,32,32 (several inputs: ';'-separated)."
+)
+TRUST_PICKLE = typer.Option(False, "--trust-pickle", help="Allow unpickling a whole module (trusted files only).")
+IMPORTS = typer.Option([], "--import", help="Import a module first (makes pickled classes or factories importable).")
+METHOD = typer.Option("auto", "--trace", help="How to trace an nn.Module: auto, fx or export.")
+SEED = typer.Option(0, "--seed", help="Seed of the random inputs and the random scale shifts.")
+
+
+def load_for_cli(model: Path, arch: str | None, input_shape: str | None, trust_pickle: bool, imports: list[str], seed: int):
+    inputs = random_inputs(parse_input_shape(input_shape), seed)
+    return load_model(model, arch=arch, trust_pickle=trust_pickle, imports=imports, example_inputs=inputs)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("audit")
+    @handle_errors
+    def audit_command(
+        model: Path = typer.Argument(..., help="Model file: .pt2, .pt/.pth state dict or module, .safetensors, .onnx."),
+        arch: str | None = ARCH,
+        input_shape: str | None = INPUT_SHAPE,
+        trust_pickle: bool = TRUST_PICKLE,
+        imports: list[str] = IMPORTS,
+        method: str = METHOD,
+        output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, json or markdown."),
+        output: Path | None = typer.Option(None, "--output", "-o", help="Write the report here instead of stdout."),
+        layers: bool = typer.Option(False, "--layers", help="Also show the per-layer table."),
+        verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every chain with a random scale shift."),
+        seed: int = SEED,
+    ) -> None:
+        """Trace a model, find its homogeneous chains and residual blocks, report norms in log10."""
+        if method not in ("auto", "fx", "export"):
+            raise InputError(f"bad --trace '{method}': choose auto, fx or export")
+        loaded = load_for_cli(model, arch, input_shape, trust_pickle, imports, seed)
+        report = analyze(loaded, method=method, verify=verify, seed=seed).report
+        if output_format is OutputFormat.json:
+            text = report.to_json() + "\n"
+        elif output_format is OutputFormat.markdown:
+            text = render_markdown(report)
+        else:
+            text = None
+        if output is not None:
+            if text is None:
+                from ..render import render_text
+
+                text = render_text(report, layers=layers)
+            write_atomic(output, text)
+            console.print(f"report written to {output}")
+        elif text is not None:
+            typer.echo(text, nl=False)
+        else:
+            render_console(report, console, layers=layers)
+        if report.failed_chains:
+            raise typer.Exit(EXIT_INCONSISTENT)

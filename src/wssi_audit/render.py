@@ -1,0 +1,161 @@
+"""Human renderings of a `Report`: rich tables for the terminal, and Markdown."""
+
+from __future__ import annotations
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from .report import Report
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def _verified(value: bool | None) -> Text:
+    if value is None:
+        return Text("not run", style="dim")
+    return Text("yes", style="green") if value else Text("FAILED", style="bold red")
+
+
+def summary_lines(report: Report) -> list[tuple[str, str]]:
+    s, t = report.summary, report.trace
+    verified = "not run (no example input)" if s.all_verified is None else ("all chains" if s.all_verified else "FAILED")
+    if s.max_verification_error is not None and s.all_verified is not None:
+        verified += f" (max rel. error {s.max_verification_error:.1e})"
+    bound = _fmt(s.log10_input_gradient_bound)
+    if s.log10_input_gradient_bound is None and s.input_gradient_bound_note:
+        bound += f" ({s.input_gradient_bound_note})"
+    lines = [
+        ("model", f"{report.model.source} [{report.model.format}], {report.model.parameters:,} parameters"),
+        ("trace", f"{t.method}, {t.nodes} ops, coverage {t.coverage:.1%}"),
+        ("chains", f"{s.chains} ({s.residual_blocks} residual blocks)"),
+        ("homogeneous weights", f"{s.homogeneous_weight_fraction:.1%} of weight-layer parameters"),
+        ("max imbalance", f"{_fmt(s.max_imbalance_decades, 2)} decades"),
+        ("log10 input-gradient bound", bound),
+    ]
+    if s.log10_path2_norm is not None:
+        lines.append(("log10 path-2 norm", _fmt(s.log10_path2_norm)))
+    lines.append(("self-check", verified))
+    if s.verification_note:
+        lines.append(("note", s.verification_note))
+    return lines
+
+
+def render_console(report: Report, console: Console, *, layers: bool = False) -> None:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    for key, value in summary_lines(report):
+        style = "bold red" if "FAILED" in value else None
+        grid.add_row(key, Text(value, style=style) if style else value)
+    console.print(Panel(grid, title="wssi-audit", title_align="left", border_style="cyan"))
+
+    if report.failed_chains:
+        ids = ", ".join(str(c.id) for c in report.failed_chains)
+        console.print(
+            Panel(
+                f"Chains {ids} changed the model's output under a weight scale shift. The analyzer "
+                "claimed something false about this model: please report it.",
+                title="ANALYZER INCONSISTENCY",
+                border_style="bold red",
+            )
+        )
+
+    layer_of = {layer.name: layer for layer in report.layers}
+    chains = Table(title="Homogeneous chains", title_justify="left", show_lines=False)
+    for column in ("id", "layers", "log10 ||W|| per layer", "log10 N", "imbalance", "wd excess", "verified"):
+        chains.add_column(column, justify="right" if column not in ("layers", "log10 ||W|| per layer") else "left")
+    for chain in report.chains:
+        names = ", ".join(chain.layers)
+        norms = " ".join(_fmt(layer_of[n].log10_frobenius, 2) for n in chain.layers)
+        chains.add_row(
+            str(chain.id), names, norms, _fmt(chain.log10_intrinsic_norm, 2), _fmt(chain.imbalance_decades, 2),
+            _fmt(chain.wd_excess, 2), _verified(chain.verified),
+        )
+    console.print(chains)
+
+    if report.residual_blocks:
+        blocks = Table(title="Residual blocks", title_justify="left")
+        for column in ("id", "shortcut", "branch", "log10 branch norm"):
+            blocks.add_column(column)
+        for block in report.residual_blocks:
+            shortcut = block.shortcut if block.shortcut_weight is None else f"projection {block.shortcut_weight}"
+            blocks.add_row(str(block.id), shortcut, ", ".join(block.branch_weights), _fmt(block.log10_branch_norm, 2))
+        console.print(blocks)
+
+    if layers:
+        table = Table(title="Layers", title_justify="left")
+        for column in ("layer", "kind", "shape", "||W||_F", "||W||_2 (est.)", "||b||", "folded BN"):
+            table.add_column(column)
+        for layer in report.layers:
+            table.add_row(
+                layer.name, layer.kind, "x".join(map(str, layer.shape)), _fmt(layer.frobenius, 4),
+                _fmt(layer.spectral, 4), _fmt(layer.bias_norm, 4), layer.folded_bn or "",
+            )
+        console.print(table)
+
+    if report.barriers:
+        barriers = Table(title="Barriers", title_justify="left")
+        barriers.add_column("node")
+        barriers.add_column("op")
+        barriers.add_column("reason")
+        for barrier in report.barriers:
+            barriers.add_row(barrier.node, barrier.op, barrier.reason)
+        console.print(barriers)
+
+    if report.trace.unanalyzed:
+        unknown = Table(title="Not analysed (counted against coverage)", title_justify="left", border_style="yellow")
+        unknown.add_column("node")
+        unknown.add_column("reason")
+        for item in report.trace.unanalyzed:
+            unknown.add_row(item.node, item.reason)
+        console.print(unknown)
+
+
+def render_markdown(report: Report) -> str:
+    out = ["# wssi-audit report", ""]
+    out += ["| | |", "|---|---|"]
+    out += [f"| {key} | {value} |" for key, value in summary_lines(report)]
+    layer_of = {layer.name: layer for layer in report.layers}
+    out += ["", "## Homogeneous chains", "", "| id | layers | log10 norms | log10 N | imbalance | wd excess | verified |"]
+    out += ["|---:|---|---|---:|---:|---:|---|"]
+    for chain in report.chains:
+        norms = " ".join(_fmt(layer_of[n].log10_frobenius, 2) for n in chain.layers)
+        verified = {None: "not run", True: "yes", False: "**FAILED**"}[chain.verified]
+        out.append(
+            f"| {chain.id} | {', '.join(chain.layers)} | {norms} | {_fmt(chain.log10_intrinsic_norm, 2)} | "
+            f"{_fmt(chain.imbalance_decades, 2)} | {_fmt(chain.wd_excess, 2)} | {verified} |"
+        )
+    if report.residual_blocks:
+        out += ["", "## Residual blocks", "", "| id | shortcut | branch | log10 branch norm |", "|---:|---|---|---:|"]
+        for block in report.residual_blocks:
+            shortcut = block.shortcut if block.shortcut_weight is None else f"projection `{block.shortcut_weight}`"
+            out.append(f"| {block.id} | {shortcut} | {', '.join(block.branch_weights)} | {_fmt(block.log10_branch_norm, 2)} |")
+    out += ["", "## Layers", "", "| layer | kind | shape | ‖W‖_F | ‖W‖_2 (est.) | ‖b‖ | folded BN |", "|---|---|---|---:|---:|---:|---|"]
+    for layer in report.layers:
+        out.append(
+            f"| {layer.name} | {layer.kind} | {'x'.join(map(str, layer.shape))} | {_fmt(layer.frobenius, 4)} | "
+            f"{_fmt(layer.spectral, 4)} | {_fmt(layer.bias_norm, 4)} | {layer.folded_bn or ''} |"
+        )
+    if report.barriers:
+        out += ["", "## Barriers", "", "| node | op | reason |", "|---|---|---|"]
+        out += [f"| {b.node} | {b.op} | {b.reason} |" for b in report.barriers]
+    if report.trace.unanalyzed:
+        out += ["", "## Not analysed", "", "| node | reason |", "|---|---|"]
+        out += [f"| {u.node} | {u.reason} |" for u in report.trace.unanalyzed]
+    return "\n".join(out) + "\n"
+
+
+def render_text(report: Report, *, layers: bool = False, width: int = 120) -> str:
+    console = Console(record=True, width=width, force_terminal=False, color_system=None)
+    with console.capture():
+        render_console(report, console, layers=layers)
+    return console.export_text()
+
+
+_ = Group
