@@ -157,7 +157,9 @@ def analyze_graph(
     )
     report = Report(
         model=ModelRecord(source=source, format=format, parameters=int(graph.parameter_count)),
-        trace=TraceRecord(method=graph.method, nodes=operations, coverage=coverage, unanalyzed=unanalyzed, statuses=counts),
+        trace=TraceRecord(
+            method=graph.method, nodes=operations, coverage=coverage, unanalyzed=unanalyzed, statuses=counts
+        ),
         layers=layers,
         chains=chains,
         residual_blocks=blocks,

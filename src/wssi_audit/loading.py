@@ -93,8 +93,7 @@ def resolve_factory(spec: str) -> Callable[[], nn.Module]:
 def _build_from_state_dict(state: dict[str, torch.Tensor], arch: str | None, path: Path) -> nn.Module:
     if arch is None:
         raise InputError(
-            f"{path.name} holds a state dict (weights only); name its architecture with "
-            "--arch package.module:factory"
+            f"{path.name} holds a state dict (weights only); name its architecture with --arch package.module:factory"
         )
     factory = resolve_factory(arch)
     try:

@@ -51,6 +51,7 @@ INPUT_SHAPES["mlp"] = (2, 1, 8, 8)
 @register("cnn")
 def cnn(channels: int = 16, classes: int = 10, in_channels: int = 1, batch_norm: bool = False) -> nn.Module:
     """A VGG-style CNN on 8x8 inputs: conv, ReLU, max-pool, linear head."""
+
     def block(cin: int, cout: int) -> list[nn.Module]:
         bn: list[nn.Module] = [nn.BatchNorm2d(cout)] if batch_norm else []
         return [nn.Conv2d(cin, cout, 3, padding=1), *bn, nn.ReLU()]
@@ -99,8 +100,12 @@ class SmallResNet(nn.Module):
     """A CIFAR-style ResNet with BasicBlocks; `batch_norm=False` gives the BN-free variant."""
 
     def __init__(
-        self, widths: tuple[int, ...] = (16, 32), blocks: int = 2, classes: int = 10,
-        in_channels: int = 1, batch_norm: bool = True,
+        self,
+        widths: tuple[int, ...] = (16, 32),
+        blocks: int = 2,
+        classes: int = 10,
+        in_channels: int = 1,
+        batch_norm: bool = True,
     ) -> None:
         super().__init__()
         self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=not batch_norm)

@@ -24,7 +24,9 @@ def _verified(value: bool | None) -> Text:
 
 def summary_lines(report: Report) -> list[tuple[str, str]]:
     s, t = report.summary, report.trace
-    verified = "not run (no example input)" if s.all_verified is None else ("all chains" if s.all_verified else "FAILED")
+    verified = (
+        "not run (no example input)" if s.all_verified is None else ("all chains" if s.all_verified else "FAILED")
+    )
     if s.max_verification_error is not None and s.all_verified is not None:
         verified += f" (max rel. error {s.max_verification_error:.1e})"
     bound = _fmt(s.log10_input_gradient_bound)
@@ -74,8 +76,13 @@ def render_console(report: Report, console: Console, *, layers: bool = False) ->
         names = ", ".join(chain.layers)
         norms = " ".join(_fmt(layer_of[n].log10_frobenius, 2) for n in chain.layers)
         chains.add_row(
-            str(chain.id), names, norms, _fmt(chain.log10_intrinsic_norm, 2), _fmt(chain.imbalance_decades, 2),
-            _fmt(chain.wd_excess, 2), _verified(chain.verified),
+            str(chain.id),
+            names,
+            norms,
+            _fmt(chain.log10_intrinsic_norm, 2),
+            _fmt(chain.imbalance_decades, 2),
+            _fmt(chain.wd_excess, 2),
+            _verified(chain.verified),
         )
     console.print(chains)
 
@@ -94,8 +101,13 @@ def render_console(report: Report, console: Console, *, layers: bool = False) ->
             table.add_column(column)
         for layer in report.layers:
             table.add_row(
-                layer.name, layer.kind, "x".join(map(str, layer.shape)), _fmt(layer.frobenius, 4),
-                _fmt(layer.spectral, 4), _fmt(layer.bias_norm, 4), layer.folded_bn or "",
+                layer.name,
+                layer.kind,
+                "x".join(map(str, layer.shape)),
+                _fmt(layer.frobenius, 4),
+                _fmt(layer.spectral, 4),
+                _fmt(layer.bias_norm, 4),
+                layer.folded_bn or "",
             )
         console.print(table)
 
@@ -122,7 +134,12 @@ def render_markdown(report: Report) -> str:
     out += ["| | |", "|---|---|"]
     out += [f"| {key} | {value} |" for key, value in summary_lines(report)]
     layer_of = {layer.name: layer for layer in report.layers}
-    out += ["", "## Homogeneous chains", "", "| id | layers | log10 norms | log10 N | imbalance | wd excess | verified |"]
+    out += [
+        "",
+        "## Homogeneous chains",
+        "",
+        "| id | layers | log10 norms | log10 N | imbalance | wd excess | verified |",
+    ]
     out += ["|---:|---|---|---:|---:|---:|---|"]
     for chain in report.chains:
         norms = " ".join(_fmt(layer_of[n].log10_frobenius, 2) for n in chain.layers)
@@ -135,8 +152,16 @@ def render_markdown(report: Report) -> str:
         out += ["", "## Residual blocks", "", "| id | shortcut | branch | log10 branch norm |", "|---:|---|---|---:|"]
         for block in report.residual_blocks:
             shortcut = block.shortcut if block.shortcut_weight is None else f"projection `{block.shortcut_weight}`"
-            out.append(f"| {block.id} | {shortcut} | {', '.join(block.branch_weights)} | {_fmt(block.log10_branch_norm, 2)} |")
-    out += ["", "## Layers", "", "| layer | kind | shape | ‖W‖_F | ‖W‖_2 (est.) | ‖b‖ | folded BN |", "|---|---|---|---:|---:|---:|---|"]
+            out.append(
+                f"| {block.id} | {shortcut} | {', '.join(block.branch_weights)} | {_fmt(block.log10_branch_norm, 2)} |"
+            )
+    out += [
+        "",
+        "## Layers",
+        "",
+        "| layer | kind | shape | ‖W‖_F | ‖W‖_2 (est.) | ‖b‖ | folded BN |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
     for layer in report.layers:
         out.append(
             f"| {layer.name} | {layer.kind} | {'x'.join(map(str, layer.shape))} | {_fmt(layer.frobenius, 4)} | "

@@ -97,7 +97,9 @@ def operator_factor(layer: WeightLayer, weight: torch.Tensor) -> float:
     return math.sqrt(math.prod(math.ceil(k / int(s)) for k, s in zip(kernel, stride)))
 
 
-def layer_norms(layers: list[WeightLayer], tensors: Mapping[str, torch.Tensor], spectral: bool = True) -> dict[str, LayerNorms]:
+def layer_norms(
+    layers: list[WeightLayer], tensors: Mapping[str, torch.Tensor], spectral: bool = True
+) -> dict[str, LayerNorms]:
     effective = [effective_weight(layer, tensors) for layer in layers]
     sigmas = (
         spectral_norms([_kernel_matrices(layer, w) for layer, (w, _) in zip(layers, effective)])
@@ -141,7 +143,9 @@ def block_log10_branch_norm(block: ResidualBlock, norms: Mapping[str, LayerNorms
     return sum(norms[layer.name].log10_frobenius for layer in block.branch.layers)
 
 
-def log10_input_gradient_bound(graph: Graph, structure: Structure, norms: Mapping[str, LayerNorms]) -> tuple[float | None, str]:
+def log10_input_gradient_bound(
+    graph: Graph, structure: Structure, norms: Mapping[str, LayerNorms]
+) -> tuple[float | None, str]:
     """log10 of a Lipschitz bound on the model, propagated through the graph (science.md s.5).
 
     Weight layers contribute ||W_eff||_F times the conv overlap factor; joins add, concats
@@ -176,8 +180,10 @@ def log10_input_gradient_bound(graph: Graph, structure: Structure, norms: Mappin
             bound[node.name] = 0.5 * log10_sum_exp10([2 * v for v in inputs])
         elif node.op in ("linear", "conv", "conv_transpose") and "weight" in node.params:
             weight = graph.tensors[node.params["weight"]].double()
-            bound[node.name] = inputs[0] + _log10(float(weight.norm())) + (
-                0.0 if node.op == "linear" else math.log10(math.sqrt(math.prod(weight.shape[2:])))
+            bound[node.name] = (
+                inputs[0]
+                + _log10(float(weight.norm()))
+                + (0.0 if node.op == "linear" else math.log10(math.sqrt(math.prod(weight.shape[2:]))))
             )
         elif node.op == "split":
             bound[node.name] = inputs[0]

@@ -168,7 +168,9 @@ def _is_unary_homogeneous(node: Node) -> bool:
     return spec is not None and spec.role is Role.HOMOGENEOUS and len(node.inputs) == 1 and node.op != "split"
 
 
-def _next_layer(graph: Graph, consumers: dict[str, list[str]], layers: dict[str, WeightLayer], start: str) -> WeightLayer | None:
+def _next_layer(
+    graph: Graph, consumers: dict[str, list[str]], layers: dict[str, WeightLayer], start: str
+) -> WeightLayer | None:
     """The weight layer reached from `start` through single-consumer degree-1 ops, if any."""
     current = start
     while True:

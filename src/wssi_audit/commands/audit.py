@@ -31,7 +31,9 @@ METHOD = typer.Option("auto", "--trace", help="How to trace an nn.Module: auto, 
 SEED = typer.Option(0, "--seed", help="Seed of the random inputs and the random scale shifts.")
 
 
-def load_for_cli(model: Path, arch: str | None, input_shape: str | None, trust_pickle: bool, imports: list[str], seed: int):
+def load_for_cli(
+    model: Path, arch: str | None, input_shape: str | None, trust_pickle: bool, imports: list[str], seed: int
+):
     inputs = random_inputs(parse_input_shape(input_shape), seed)
     return load_model(model, arch=arch, trust_pickle=trust_pickle, imports=imports, example_inputs=inputs)
 
@@ -46,7 +48,9 @@ def register(app: typer.Typer) -> None:
         trust_pickle: bool = TRUST_PICKLE,
         imports: list[str] = IMPORTS,
         method: str = METHOD,
-        output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, json or markdown."),
+        output_format: OutputFormat = typer.Option(
+            OutputFormat.table, "--format", "-f", help="table, json or markdown."
+        ),
         output: Path | None = typer.Option(None, "--output", "-o", help="Write the report here instead of stdout."),
         layers: bool = typer.Option(False, "--layers", help="Also show the per-layer table."),
         verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every chain with a random scale shift."),

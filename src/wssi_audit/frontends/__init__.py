@@ -59,7 +59,9 @@ def graph_from_module(module: nn.Module, example_inputs: Sequence[Any] | None, m
 def graph_from_program(program: torch.export.ExportedProgram, example_inputs: Sequence[Any] | None) -> Graph:
     inputs = example_inputs if example_inputs is not None else example_inputs_of(program)
     graph = trace_export(program, inputs, method="torch.export")
-    graph.parameter_count = sum(program.state_dict[k].numel() for k in program.graph_signature.inputs_to_parameters.values())
+    graph.parameter_count = sum(
+        program.state_dict[k].numel() for k in program.graph_signature.inputs_to_parameters.values()
+    )
     return graph
 
 

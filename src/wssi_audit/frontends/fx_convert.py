@@ -35,15 +35,36 @@ _PARAM_ROLES = {
     "embedding": ("weight",),
 }
 _ATTR_NAMES = (
-    "stride", "padding", "dilation", "groups", "output_padding", "kernel_size", "ceil_mode",
-    "count_include_pad", "negative_slope", "eps", "training", "alpha", "scale_factor", "mode",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "output_padding",
+    "kernel_size",
+    "ceil_mode",
+    "count_include_pad",
+    "negative_slope",
+    "eps",
+    "training",
+    "alpha",
+    "scale_factor",
+    "mode",
     "transposed",
 )
 _MODULE_ATTRS = {
-    "stride": "stride", "padding": "padding", "dilation": "dilation", "groups": "groups",
-    "output_padding": "output_padding", "kernel_size": "kernel_size", "ceil_mode": "ceil_mode",
-    "count_include_pad": "count_include_pad", "negative_slope": "negative_slope", "eps": "eps",
-    "alpha": "alpha", "scale_factor": "scale_factor", "mode": "mode",
+    "stride": "stride",
+    "padding": "padding",
+    "dilation": "dilation",
+    "groups": "groups",
+    "output_padding": "output_padding",
+    "kernel_size": "kernel_size",
+    "ceil_mode": "ceil_mode",
+    "count_include_pad": "count_include_pad",
+    "negative_slope": "negative_slope",
+    "eps": "eps",
+    "alpha": "alpha",
+    "scale_factor": "scale_factor",
+    "mode": "mode",
 }
 
 
@@ -172,9 +193,7 @@ class FxConverter:
         for role in _PARAM_ROLES.get(op, ()):
             if getattr(module, role, None) is not None and isinstance(getattr(module, role), torch.Tensor):
                 params[role] = f"{fx_node.target}.{role}"
-        attrs = {
-            attr: getattr(module, name) for attr, name in _MODULE_ATTRS.items() if hasattr(module, name)
-        }
+        attrs = {attr: getattr(module, name) for attr, name in _MODULE_ATTRS.items() if hasattr(module, name)}
         if op == "batch_norm":
             attrs["training"] = bool(module.training or module.running_mean is None)
             attrs["affine"] = module.weight is not None
@@ -184,9 +203,7 @@ class FxConverter:
             attrs = {"p": getattr(module, "p", 0.0)}
         return params, attrs
 
-    def _function_params_attrs(
-        self, op: str, fx_node: fx.Node
-    ) -> tuple[str, dict[str, str], dict[str, Any]]:
+    def _function_params_attrs(self, op: str, fx_node: fx.Node) -> tuple[str, dict[str, str], dict[str, Any]]:
         named = self._named_args(op, fx_node)
         params: dict[str, str] = {}
         for role in _PARAM_ROLES.get(op, ()):
@@ -212,9 +229,7 @@ class FxConverter:
         return op, params, attrs
 
     def _resolve_arith(self, kind: str, fx_node: fx.Node) -> tuple[str, dict[str, str], dict[str, Any]]:
-        operands = [a for a in fx_node.args[:2]] + [
-            v for k, v in fx_node.kwargs.items() if k in ("other", "input")
-        ]
+        operands = [a for a in fx_node.args[:2]] + [v for k, v in fx_node.kwargs.items() if k in ("other", "input")]
         acts = [a for a in operands if self._is_activation(a)]
         params = [self._param_key(a) for a in operands if self._param_key(a) is not None]
         numbers_ = [a for a in operands if isinstance(a, numbers.Number) and not isinstance(a, bool)]

@@ -97,7 +97,10 @@ def trace_fx(module: nn.Module, example_inputs: Sequence[Any] | None = None) -> 
             tensor_nodes = None
     converter = FxConverter(module, {}, tensor_nodes, leaf_reasons=leaves)
     nodes = converter.convert(gm.graph)
-    unanalyzed = [Unanalyzed(path, f"untraceable submodule, analysed as a black box ({reason})") for path, reason in leaves.items()]
+    unanalyzed = [
+        Unanalyzed(path, f"untraceable submodule, analysed as a black box ({reason})")
+        for path, reason in leaves.items()
+    ]
     tensors = dict(module.state_dict(keep_vars=False))
     runner = make_module_runner(module, example_inputs) if example_inputs is not None else None
     return Graph(nodes, tensors, "fx+leaves" if leaves else "fx", unanalyzed, runner)
