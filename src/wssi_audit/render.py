@@ -53,8 +53,7 @@ def render_console(report: Report, console: Console, *, layers: bool = False) ->
     grid.add_column(style="bold")
     grid.add_column()
     for key, value in summary_lines(report):
-        style = "bold red" if "FAILED" in value else None
-        grid.add_row(key, Text(value, style=style) if style else value)
+        grid.add_row(key, Text(value, style="bold red" if "FAILED" in value else ""))
     console.print(Panel(grid, title="wssi-audit", title_align="left", border_style="cyan"))
 
     if report.failed_chains:
@@ -69,16 +68,17 @@ def render_console(report: Report, console: Console, *, layers: bool = False) ->
         )
 
     layer_of = {layer.name: layer for layer in report.layers}
-    chains = Table(title="Homogeneous chains", title_justify="left", show_lines=False)
-    for column in ("id", "layers", "log10 ||W|| per layer", "log10 N", "imbalance", "wd excess", "verified"):
-        chains.add_column(column, justify="right" if column not in ("layers", "log10 ||W|| per layer") else "left")
+    chains = Table(title="Homogeneous chains", title_justify="left", show_lines=True)
+    chains.add_column("id", justify="right")
+    chains.add_column("layers", overflow="fold")
+    chains.add_column("log10 ‖W‖", justify="right")
+    for column in ("log10 N", "imbalance", "wd excess", "verified"):
+        chains.add_column(column, justify="right")
     for chain in report.chains:
-        names = ", ".join(chain.layers)
-        norms = " ".join(_fmt(layer_of[n].log10_frobenius, 2) for n in chain.layers)
         chains.add_row(
             str(chain.id),
-            names,
-            norms,
+            Text("\n".join(chain.layers)),
+            "\n".join(_fmt(layer_of[n].log10_frobenius, 2) for n in chain.layers),
             _fmt(chain.log10_intrinsic_norm, 2),
             _fmt(chain.imbalance_decades, 2),
             _fmt(chain.wd_excess, 2),
@@ -92,7 +92,9 @@ def render_console(report: Report, console: Console, *, layers: bool = False) ->
             blocks.add_column(column)
         for block in report.residual_blocks:
             shortcut = block.shortcut if block.shortcut_weight is None else f"projection {block.shortcut_weight}"
-            blocks.add_row(str(block.id), shortcut, ", ".join(block.branch_weights), _fmt(block.log10_branch_norm, 2))
+            blocks.add_row(
+                str(block.id), Text(shortcut), Text("\n".join(block.branch_weights)), _fmt(block.log10_branch_norm, 2)
+            )
         console.print(blocks)
 
     if layers:
@@ -117,7 +119,7 @@ def render_console(report: Report, console: Console, *, layers: bool = False) ->
         barriers.add_column("op")
         barriers.add_column("reason")
         for barrier in report.barriers:
-            barriers.add_row(barrier.node, barrier.op, barrier.reason)
+            barriers.add_row(Text(barrier.node), Text(barrier.op), Text(barrier.reason))
         console.print(barriers)
 
     if report.trace.unanalyzed:
@@ -125,7 +127,7 @@ def render_console(report: Report, console: Console, *, layers: bool = False) ->
         unknown.add_column("node")
         unknown.add_column("reason")
         for item in report.trace.unanalyzed:
-            unknown.add_row(item.node, item.reason)
+            unknown.add_row(Text(item.node), Text(item.reason))
         console.print(unknown)
 
 

@@ -76,10 +76,10 @@ def trace_export(
             tensor_nodes.add(node.name)
     converter = FxConverter(None, param_of, tensor_nodes)
     nodes = converter.convert(program.graph)
-    tensors: dict[str, torch.Tensor] = dict(program.state_dict)
+    tensors: dict[str, torch.Tensor] = {k: v.detach() for k, v in program.state_dict.items()}
     for key, value in getattr(program, "constants", {}).items():
         if isinstance(value, torch.Tensor):
-            tensors[key] = value
+            tensors[key] = value.detach()
     runner, dtype = (None, torch.float64)
     if example_inputs is not None:
         runner, dtype = _program_runner(program, example_inputs)
