@@ -47,9 +47,21 @@ def _command_names() -> set[str]:
     return names
 
 
+def _quiet_torch() -> None:
+    """torch's deprecation warnings and export logs are noise in a report; --debug keeps them."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch(\.|$)")
+    logging.getLogger("torch").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point; `wssi-audit MODEL ...` is short for `wssi-audit audit MODEL ...`."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" not in args:
+        _quiet_torch()
     first = next((i for i, a in enumerate(args) if a not in ("--debug",)), None)
     if first is not None and not args[first].startswith("-") and args[first] not in _command_names():
         args.insert(first, "audit")

@@ -59,9 +59,11 @@ def graph_from_module(module: nn.Module, example_inputs: Sequence[Any] | None, m
 def graph_from_program(program: torch.export.ExportedProgram, example_inputs: Sequence[Any] | None) -> Graph:
     inputs = example_inputs if example_inputs is not None else example_inputs_of(program)
     graph = trace_export(program, inputs, method="torch.export")
-    graph.parameter_count = sum(
-        program.state_dict[k].numel() for k in program.graph_signature.inputs_to_parameters.values()
-    )
+    keys = list(program.graph_signature.inputs_to_parameters.values())
+    if not keys:  # converted TorchScript lifts parameters as buffers: count all but BN statistics
+        statistics = ("running_mean", "running_var", "num_batches_tracked")
+        keys = [k for k in program.state_dict if not k.endswith(statistics)]
+    graph.parameter_count = sum(program.state_dict[k].numel() for k in keys)
     return graph
 
 
