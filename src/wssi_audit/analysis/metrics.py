@@ -231,6 +231,17 @@ def log10_path2_norm(graph: Graph, structure: Structure) -> float | None:
     chain = structure.chains[0]
     if any(layer.op != "linear" for layer in chain.layers) or len(graph.inputs()) != 1:
         return None
+    # Only elementwise ops between layers (a reshape there would mix the path structure).
+    first = chain.layers[0].node
+    before = set(_ancestors(graph, first))
+    for node in graph.nodes.values():
+        if node.name in before:
+            allowed = _PATH2_BEFORE
+        else:
+            allowed = _PATH2_BETWEEN
+        if node.op not in allowed and node.name not in {layer.node for layer in chain.layers}:
+            if not (node.op == "batch_norm" and any(layer.out == node.name for layer in chain.layers)):
+                return None
     vector: torch.Tensor | None = None
     log_scale = 0.0
     for layer in chain.layers:
@@ -244,3 +255,19 @@ def log10_path2_norm(graph: Graph, structure: Structure) -> float | None:
         log_scale += math.log10(top)
     assert vector is not None
     return 0.5 * (log_scale + math.log10(float(vector.sum())))
+
+
+_PATH2_BETWEEN = frozenset({"relu", "leaky_relu", "dropout", "identity", "input", "output", "shape", "constant"})
+_PATH2_BEFORE = _PATH2_BETWEEN | {"flatten", "reshape"}
+
+
+def _ancestors(graph: Graph, name: str) -> list[str]:
+    seen: list[str] = []
+    stack = list(graph.nodes[name].inputs)
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.append(current)
+        stack.extend(graph.nodes[current].inputs)
+    return seen
