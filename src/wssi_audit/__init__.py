@@ -2,6 +2,7 @@
 
 from ._version import __version__
 from .audit import Analysis, analyze, audit
+from .regularizer import WeightScaleRegularizer, attach
 from .report import Report
 
-__all__ = ["Analysis", "Report", "__version__", "analyze", "audit"]
+__all__ = ["Analysis", "Report", "WeightScaleRegularizer", "__version__", "analyze", "attach", "audit"]
