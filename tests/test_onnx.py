@@ -1,0 +1,210 @@
+"""ONNX front-end: same chains and norms as the torch audit, hand-built graphs, bad files."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from wssi_audit.audit import analyze, analyze_graph, audit
+from wssi_audit.cli import app
+from wssi_audit.errors import InputError
+from wssi_audit.frontends import build_graph
+from wssi_audit.frontends.onnx_frontend import graph_from_onnx, load_onnx
+from wssi_audit.models import INPUT_SHAPES, create_model
+
+runner = CliRunner()
+
+
+def export_onnx(model: torch.nn.Module, x: torch.Tensor, path: Path, **kwargs) -> onnx.ModelProto:
+    """The legacy (TorchScript) exporter works offline and keeps initializer names."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (x,), str(path), dynamo=False, **kwargs)
+    return onnx.load(str(path))
+
+
+def _randomize_bn(model: torch.nn.Module) -> None:
+    """Non-trivial BatchNorm statistics, so that folding changes the norms."""
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+            module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator))
+            module.weight.data.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(module.bias.shape, generator=generator))
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet_bn", "resnet_nobn"])
+@pytest.mark.parametrize("fold", [True, False])
+def test_onnx_audit_matches_torch_audit(name: str, fold: bool, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    with torch.no_grad():
+        _randomize_bn(model)
+    x = torch.randn(INPUT_SHAPES[name])
+    reference = audit(model, (x,))
+    kwargs = {} if fold else {"do_constant_folding": False, "training": torch.onnx.TrainingMode.PRESERVE}
+    path = tmp_path / f"{name}.onnx"
+    export_onnx(model, x, path, **kwargs)
+    report = analyze(path).report  # through loading.py, default inputs from the model's shapes
+    assert report.model.format == "onnx"
+    assert report.trace.method == "onnx"
+    assert report.trace.coverage == 1.0
+    assert [len(c.layers) for c in report.chains] == [len(c.layers) for c in reference.chains]
+    assert [(b.shortcut, len(b.branch_weights)) for b in report.residual_blocks] == [
+        (b.shortcut, len(b.branch_weights)) for b in reference.residual_blocks
+    ]
+    assert len(report.layers) == len(reference.layers)
+    for ours, theirs in zip(report.layers, reference.layers):
+        assert math.isclose(ours.frobenius, theirs.frobenius, rel_tol=1e-5), (ours.name, theirs.name)
+        assert ours.kind == theirs.kind
+    assert math.isclose(
+        report.summary.log10_input_gradient_bound, reference.summary.log10_input_gradient_bound, rel_tol=1e-5
+    )
+    assert report.summary.all_verified is True
+    if name == "resnet_bn" and not fold:
+        assert all(layer.folded_bn for layer in report.layers if layer.kind.startswith("conv"))
+    if name != "resnet_bn" or not fold:
+        # Layer names come from the initializer names, or from the exporter's module scopes.
+        assert [layer.name for layer in report.layers] == [layer.name for layer in reference.layers]
+
+
+def _gemm_model(trans_b: int, alpha: float, beta: float) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 4)).astype(np.float32)  # (out, in)
+    w2 = rng.standard_normal((3, 8)).astype(np.float32)
+    b1 = rng.standard_normal(8).astype(np.float32)
+    b2 = rng.standard_normal(3).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(w1 if trans_b else w1.T.copy(), "fc1.weight"),
+        numpy_helper.from_array(b1, "fc1.bias"),
+        numpy_helper.from_array(w2.T.copy(), "fc2.weight"),  # MatMul + Add: (in, out)
+        numpy_helper.from_array(b2, "fc2.bias"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "fc1.weight", "fc1.bias"], ["h"], transB=trans_b, alpha=alpha, beta=beta),
+        helper.make_node("LeakyRelu", ["h"], ["a"], alpha=0.2),
+        helper.make_node("Mul", ["a", "half"], ["s"]),
+        helper.make_node("MatMul", ["s", "fc2.weight"], ["m"]),
+        helper.make_node("Add", ["m", "fc2.bias"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize(("trans_b", "alpha", "beta"), [(1, 1.0, 1.0), (0, 2.0, 0.5)])
+def test_gemm_and_matmul_add_become_linear(trans_b: int, alpha: float, beta: float) -> None:
+    model = _gemm_model(trans_b, alpha, beta)
+    graph = build_graph(model)
+    ops = [node.op for node in graph.nodes.values()]
+    assert ops == ["input", "linear", "leaky_relu", "scale", "linear", "output"]
+    linear = [node for node in graph.nodes.values() if node.op == "linear"]
+    assert linear[0].params == {"weight": "fc1.weight", "bias": "fc1.bias"}
+    assert linear[1].params == {"weight": "fc2.weight", "bias": "fc2.bias"}
+    assert graph.tensors["fc1.weight"].shape == (8, 4)  # torch layout (out, in) whatever transB
+    assert graph.tensors["fc2.weight"].shape == (3, 8)
+    assert graph.nodes[linear[0].name].inputs == ["x"]
+    assert [n for n in graph.nodes.values() if n.op == "leaky_relu"][0].attrs == {"negative_slope": 0.2}
+    # The effective weight includes alpha: compare with the map the model computes.
+    x = np.eye(4, dtype=np.float32)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    del session
+    w_eff = graph.tensors["fc1.weight"].double()
+    raw = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
+    expected = alpha * (raw if trans_b else raw.T)
+    assert np.allclose(w_eff.numpy(), expected)
+    assert np.allclose(graph.tensors["fc1.bias"].numpy(), beta * numpy_helper.to_array(model.graph.initializer[1]))
+    report = analyze_graph(graph).report
+    assert [len(c.layers) for c in report.chains] == [2]
+    assert report.chains[0].verified is True  # the runner writes alpha / transpose back correctly
+    _ = x
+
+
+def test_barriers_and_unknown_ops() -> None:
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "w2"),
+        numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "w3"),
+        numpy_helper.from_array(np.ones(4, np.float32), "one"),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1"], ["h1"], transB=1),
+        helper.make_node("Sigmoid", ["h1"], ["g"]),
+        helper.make_node("Mul", ["h1", "g"], ["s"]),  # swish gate: product of activations
+        helper.make_node("Gemm", ["s", "w2"], ["h2"], transB=1),
+        helper.make_node("Sin", ["h2"], ["q"]),  # not in the table: unknown
+        helper.make_node("Add", ["q", "one"], ["r"]),  # constant offset
+        helper.make_node("Gemm", ["r", "w3"], ["y"], transB=1),
+    ]
+    graph_proto = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        inits,
+    )
+    model = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 17)])
+    graph = graph_from_onnx(model)
+    ops = [node.op for node in graph.nodes.values()]
+    assert ops == ["input", "linear", "sigmoid", "mul", "linear", "Sin", "add_const", "linear", "output"]
+    report = analyze_graph(graph).report
+    assert sorted(b.op for b in report.barriers) == ["add_const", "mul", "sigmoid"]
+    assert [u.node for u in report.trace.unanalyzed] == ["Sin_4"]
+    assert report.trace.coverage < 1.0
+    assert all(len(c.layers) == 1 for c in report.chains)
+
+
+def _mlp_onnx(tmp_path: Path) -> Path:
+    path = tmp_path / "mlp.onnx"
+    export_onnx(create_model("mlp"), torch.randn(INPUT_SHAPES["mlp"]), path)
+    return path
+
+
+def test_malformed_and_truncated_files(tmp_path: Path) -> None:
+    good = _mlp_onnx(tmp_path)
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\xff\xfe this is not protobuf \x00\x01" * 10)
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    for path in (truncated, garbage, empty):
+        with pytest.raises(InputError):
+            load_onnx(path)
+        result = runner.invoke(app, ["audit", str(path)])
+        assert result.exit_code == 2, result.output
+        assert "error:" in result.output
+        assert "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) <= 2
+
+
+def test_cli_audit_onnx_json(tmp_path: Path) -> None:
+    import json
+
+    path = _mlp_onnx(tmp_path)
+    result = runner.invoke(app, ["audit", str(path), "--format", "json", "--input-shape", "3,1,8,8"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert document["model"]["format"] == "onnx"
+    assert document["summary"]["chains"] == 1
+    assert document["summary"]["all_verified"] is True

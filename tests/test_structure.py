@@ -1,0 +1,151 @@
+"""Chains, BatchNorm folding, tied weights, residual blocks and partial tracing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import example_model, with_bn_statistics
+from wssi_audit import analyze, audit
+from wssi_audit.errors import TraceError
+
+
+def test_batch_norm_is_folded_with_the_folded_norms_reported():
+    torch.manual_seed(0)
+    model = with_bn_statistics(
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4)),
+        (2, 3, 8, 8),
+    )
+    report = audit(model, (torch.randn(2, 3, 8, 8),))
+    assert [c.layers for c in report.chains] == [["0", "3"]]
+    assert [layer.folded_bn for layer in report.layers] == ["1", "4"]
+    fused = torch.nn.utils.fusion.fuse_conv_bn_eval(model[0], model[1])
+    assert report.layers[0].frobenius == pytest.approx(float(fused.weight.detach().double().norm()), rel=1e-6)
+    assert report.layers[0].bias_norm == pytest.approx(float(fused.bias.detach().double().norm()), rel=1e-6)
+    assert report.summary.all_verified is True
+
+
+def test_batch_norm_in_training_mode_is_a_barrier():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).train()
+    program = torch.export.export(model, (torch.randn(8, 4),), strict=False)
+    report = audit(program, (torch.randn(8, 4),), verify=False)
+    assert "batch_norm_train" in [b.op for b in report.barriers]
+    assert [c.layers for c in report.chains] == [["0"], ["3"]]
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 4)
+        self.shared = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(F.relu(self.shared(F.relu(self.shared(F.relu(self.inp(x)))))))
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_tied_weights_never_join_a_chain(method):
+    report = audit(Tied(), (torch.randn(3, 4),), method=method)
+    assert all("shared" not in layer for chain in report.chains for layer in chain.layers)
+    tied = [b for b in report.barriers if "tied" in b.reason]
+    assert len(tied) == 2
+    assert report.summary.all_verified is True
+    assert report.summary.log10_input_gradient_bound is not None
+
+
+@pytest.mark.parametrize("name", ["resnet_nobn", "resnet_bn"])
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_residual_blocks_with_identity_and_projection_shortcuts(name, method):
+    model, x = example_model(name)
+    report = audit(model, (x,), method=method)
+    shortcuts = [b.shortcut for b in report.residual_blocks]
+    assert shortcuts == ["identity", "identity", "projection", "identity"]
+    projection = report.residual_blocks[2]
+    assert projection.shortcut_weight == "layers.2.downsample.0.weight"
+    assert projection.branch_weights == ["layers.2.conv1.weight", "layers.2.conv2.weight"]
+    assert report.summary.all_verified is True
+    assert report.summary.homogeneous_weight_fraction == 1.0
+    assert report.trace.coverage == 1.0
+
+
+def test_residual_bound_has_the_residual_form():
+    """For a ResNet the propagated bound is ||W_in|| ||W_out|| prod(||s_b|| + prod ||V||) x conv factors."""
+    import math
+
+    model, x = example_model("resnet_nobn")
+    analysis = analyze(model, (x,))
+    report = analysis.report
+    by_name = {layer.name: layer for layer in report.layers}
+
+    def log_op(name: str) -> float:
+        layer = by_name[name]
+        kernel = layer.shape[2:] if layer.kind.startswith("conv") else []
+        stride = 2 if name in ("layers.2.conv1", "layers.2.downsample.0") else 1
+        factor = math.prod(math.ceil(k / stride) for k in kernel) if kernel else 1
+        return layer.log10_frobenius + 0.5 * math.log10(factor)
+
+    total = log_op("stem") + log_op("fc")
+    for block in report.residual_blocks:
+        branch = sum(log_op(w.removesuffix(".weight")) for w in block.branch_weights)
+        shortcut = 0.0 if block.shortcut_weight is None else log_op(block.shortcut_weight.removesuffix(".weight"))
+        total += math.log10(10**shortcut + 10**branch)
+    assert report.summary.log10_input_gradient_bound == pytest.approx(total, abs=1e-9)
+
+
+class DataDependent(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if float(x.sum()) > 0 else -x
+
+
+class WithUntraceablePart(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.odd = DataDependent()
+        self.second = nn.Linear(4, 4)
+        self.third = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.third(F.relu(self.second(self.odd(F.relu(self.first(x))))))
+
+
+def test_untraceable_submodule_becomes_a_reported_leaf():
+    report = audit(WithUntraceablePart())
+    assert report.trace.method == "fx+leaves"
+    assert [u.node for u in report.trace.unanalyzed] == ["odd", "odd"] or "odd" in report.trace.unanalyzed[0].node
+    assert report.trace.coverage < 1.0
+    assert [c.layers for c in report.chains] == [["first"], ["second", "third"]]
+    assert report.summary.all_verified is None  # no example input: nothing verified, and it says so
+
+
+def test_untraceable_submodule_with_input_is_still_analysed_and_verified():
+    report = audit(WithUntraceablePart(), (torch.randn(2, 4),))
+    assert report.summary.all_verified is True
+    assert [c.layers for c in report.chains][-1] == ["second", "third"]
+
+
+class RootUntraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(int(x.shape[0] > 0)):
+            x = self.first(x)
+        return x if bool(x.sum() > 0) else x
+
+
+def test_untraceable_root_without_input_is_one_clear_error():
+    with pytest.raises(TraceError, match="--input-shape"):
+        audit(RootUntraceable())
+
+
+def test_no_example_input_means_not_verified_but_analysed():
+    model, _ = example_model("cnn")
+    report = audit(model)
+    assert report.summary.all_verified is None
+    assert all(c.verified is None for c in report.chains)
+    assert report.summary.log10_input_gradient_bound is not None
