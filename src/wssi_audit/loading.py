@@ -7,10 +7,12 @@ archives (converted with torch.export when an input shape is known), ONNX (.onnx
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import pickle
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,7 @@ def parse_input_shape(text: str | None) -> list[tuple[int, ...]] | None:
     shapes = []
     for part in text.split(";"):
         try:
-            dims = tuple(int(d) for d in part.replace("x", ",").split(",") if d.strip())
+            dims = tuple(int(d) for d in part.split(",") if d.strip())
         except ValueError:
             raise InputError(f"bad --input-shape '{text}': expected integers like 1,3,32,32") from None
         if not dims or any(d <= 0 for d in dims):
@@ -177,8 +179,11 @@ def load_model(
 
         return LoadedModel(load_onnx(path), "onnx", str(path), example_inputs)
     if suffix == ".pt2":
+        if not zipfile.is_zipfile(path):
+            raise InputError(f"cannot read torch.export archive {path.name}: not a zip archive (truncated or not .pt2)")
         try:
-            program = torch.export.load(str(path))
+            with _silenced("torch.export"):
+                program = torch.export.load(str(path))
         except Exception as error:
             raise InputError(f"cannot read torch.export archive {path.name}: {_short(error)}") from None
         return LoadedModel(program, "torch.export", str(path), example_inputs)
@@ -199,6 +204,8 @@ def load_model(
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "GLOBAL" not in str(error) and "global" not in str(error):
+            raise InputError(f"cannot read {path.name} as a PyTorch file: {_short(error)}") from None
         if not trust_pickle:
             raise InputError(
                 f"{path.name} contains pickled Python objects ({_pickle_global(error)}); refusing to "
@@ -218,6 +225,18 @@ def load_model(
     if state is None:
         raise InputError(f"{path.name} holds a {type(obj).__name__}, neither a module nor a state dict")
     return LoadedModel(_build_from_state_dict(state, arch, path), "state_dict", str(path), example_inputs)
+
+
+@contextlib.contextmanager
+def _silenced(logger_name: str) -> Iterator[None]:
+    """torch logs a traceback before raising on a bad archive; the user gets our one line."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _short(error: BaseException) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import TraceError
+from ..errors import InputError, TraceError
 from ..ir import Graph, make_module_runner
 from .torch_export import example_inputs_of, export_module, trace_export
 from .torch_fx import trace_fx
@@ -67,11 +67,28 @@ def graph_from_program(program: torch.export.ExportedProgram, example_inputs: Se
     return graph
 
 
+def _check_runs(model: Any, example_inputs: Sequence[Any]) -> None:
+    """A wrong input shape is the user's input error, said in one line before any tracing."""
+    runnable = model.module() if isinstance(model, torch.export.ExportedProgram) else model
+    try:
+        with torch.no_grad():
+            runnable(*example_inputs)
+    except Exception as error:  # noqa: BLE001
+        shapes = ";".join(",".join(map(str, x.shape)) for x in example_inputs if torch.is_tensor(x))
+        raise InputError(f"the model does not run on inputs of shape {shapes}: {_first_line(error)}") from None
+
+
 def build_graph(model: Any, example_inputs: Sequence[Any] | None = None, method: str = "auto") -> Graph:
     if isinstance(model, Graph):
         return model
+    if example_inputs is not None and isinstance(model, (nn.Module, torch.export.ExportedProgram)):
+        _check_runs(model, example_inputs)
     if isinstance(model, torch.export.ExportedProgram):
         return graph_from_program(model, example_inputs)
     if isinstance(model, nn.Module):
         return graph_from_module(model, example_inputs, method)
+    if type(model).__name__ == "ModelProto":  # onnx, imported only when an ONNX model is given
+        from .onnx_frontend import graph_from_onnx
+
+        return graph_from_onnx(model, example_inputs)
     raise TraceError(f"cannot analyse an object of type {type(model).__name__}")
