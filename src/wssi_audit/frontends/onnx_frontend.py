@@ -1,0 +1,530 @@
+"""ONNX front-end: an `onnx.ModelProto` -> the internal `Graph` (same canonical ops as FX).
+
+Weights are named by their initializer names. Before conversion the model is normalized
+(function-preserving, on a copy): `Constant` nodes and `Identity` nodes that only alias an
+initializer become initializers of their own, and a bias-like initializer shared by several
+nodes (exporters deduplicate equal tensors, e.g. zero biases) gets one copy per extra use, so
+that shifting one layer's bias never moves another's.
+
+Weight layouts follow torch: a linear weight is (out, in). A `Gemm` with transB=0 or a
+`MatMul` by an initializer holds (in, out); `graph.tensors` then holds a transposed copy under
+the initializer's name (also multiplied by Gemm's alpha; a Gemm bias by beta), and
+`OnnxModel.encode` undoes this when tensors are written back (runner, balance).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InputError, TraceError
+from ..ir import Graph, Node
+
+# ONNX op_type -> canonical op (wssi_audit.ops). Ops resolved by `_convert_node` because their
+# meaning depends on the operands: Gemm, MatMul, Add, Sub, Mul, Div, Gather, BatchNormalization.
+ONNX_TABLE: dict[str, str] = {
+    "Conv": "conv",
+    "ConvTranspose": "conv_transpose",
+    "Relu": "relu",
+    "LeakyRelu": "leaky_relu",
+    "PRelu": "prelu",
+    "MaxPool": "max_pool",
+    "AveragePool": "avg_pool",
+    "GlobalAveragePool": "global_avg_pool",
+    "GlobalMaxPool": "adaptive_max_pool",
+    "Flatten": "flatten",
+    "Reshape": "reshape",
+    "Transpose": "reshape",
+    "Squeeze": "reshape",
+    "Unsqueeze": "reshape",
+    "Concat": "cat",
+    "Split": "split",
+    "Slice": "slice",
+    "Identity": "identity",
+    "Dropout": "dropout",
+    "Cast": "identity",
+    "Pad": "pad",
+    "Resize": "upsample",
+    "Upsample": "upsample",
+    "Expand": "expand",
+    "Neg": "neg",
+    "ReduceMean": "mean",
+    "ReduceSum": "sum",
+    "ReduceMax": "max_reduce",
+    "Shape": "shape",
+    "Size": "shape",
+    "Sigmoid": "sigmoid",
+    "Tanh": "tanh",
+    "Softmax": "softmax",
+    "LogSoftmax": "log_softmax",
+    "Gelu": "gelu",
+    "Elu": "elu",
+    "Selu": "selu",
+    "Celu": "celu",
+    "Softplus": "softplus",
+    "Mish": "mish",
+    "HardSigmoid": "hardsigmoid",
+    "HardSwish": "hardswish",
+    "Clip": "clamp",
+    "Erf": "pointwise",
+    "Exp": "pointwise",
+    "Log": "pointwise",
+    "Sqrt": "pointwise",
+    "Reciprocal": "pointwise",
+    "Pow": "pointwise",
+    "Abs": "pointwise",
+    "LayerNormalization": "layer_norm",
+    "GroupNormalization": "group_norm",
+    "InstanceNormalization": "instance_norm",
+    "RMSNormalization": "rms_norm",
+    "Einsum": "matmul",
+    "Attention": "attention",
+}
+# ONNX attribute name -> FX attribute name (Node.attrs), values as lists like the FX converter.
+_ATTRS = {
+    "strides": "stride",
+    "dilations": "dilation",
+    "group": "groups",
+    "kernel_shape": "kernel_size",
+    "ceil_mode": "ceil_mode",
+    "count_include_pad": "count_include_pad",
+    "output_padding": "output_padding",
+    "epsilon": "eps",
+    "alpha": "alpha",
+    "mode": "mode",
+}
+# Inputs that carry parameters, by position, per canonical op.
+_PARAM_INPUTS = {
+    "conv": {1: "weight", 2: "bias"},
+    "conv_transpose": {1: "weight", 2: "bias"},
+    "prelu": {1: "weight"},
+    "batch_norm": {1: "weight", 2: "bias", 3: "running_mean", 4: "running_var"},
+    "layer_norm": {1: "weight", 2: "bias"},
+    "group_norm": {1: "weight", 2: "bias"},
+    "instance_norm": {1: "weight", 2: "bias"},
+}
+_BIAS_ROLES = ("bias", "running_mean", "running_var", "weight_bn")
+
+
+def load_onnx(path: str | Path) -> Any:
+    """Read and check an ONNX file; any problem is an `InputError` with one line."""
+    import onnx
+
+    path = Path(path)
+    try:
+        model = onnx.load(str(path))
+    except Exception as error:
+        raise InputError(f"cannot read ONNX file {path.name}: {_short(error)}") from None
+    if not model.graph.node:
+        raise InputError(f"cannot read ONNX file {path.name}: it holds no graph (empty or not an ONNX model)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as error:
+        raise InputError(f"invalid ONNX model {path.name}: {_short(error)}") from None
+    return model
+
+
+def _short(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:200]
+
+
+@dataclass
+class Encoding:
+    """How a tensor in `graph.tensors` maps back to its initializer: raw = (value / scale)[.T]."""
+
+    transpose: bool = False
+    scale: float = 1.0
+
+
+@dataclass
+class OnnxModel:
+    """The normalized model plus what is needed to write tensors back into it."""
+
+    proto: Any  # onnx.ModelProto (normalized copy)
+    encodings: dict[str, Encoding] = field(default_factory=dict)
+
+    def encode(self, key: str, value: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+        enc = self.encodings.get(key, Encoding())
+        array = value.detach().double() / enc.scale
+        if enc.transpose:
+            array = array.T
+        return array.cpu().numpy().astype(dtype)
+
+    def with_tensors(self, overrides: Mapping[str, torch.Tensor]) -> Any:
+        """A copy of the model with some initializers replaced (keys as in `graph.tensors`)."""
+        from onnx import numpy_helper
+
+        if not overrides:
+            return self.proto
+        proto = copy.deepcopy(self.proto)
+        found = set()
+        for init in proto.graph.initializer:
+            if init.name in overrides:
+                dtype = numpy_helper.to_array(init).dtype
+                init.CopyFrom(numpy_helper.from_array(self.encode(init.name, overrides[init.name], dtype), init.name))
+                found.add(init.name)
+        missing = set(overrides) - found
+        if missing:
+            raise KeyError(f"not initializers of this ONNX model: {', '.join(sorted(missing))}")
+        return proto
+
+
+def _attrs_of(node: Any) -> dict[str, Any]:
+    from onnx import helper
+
+    out = {}
+    for attr in node.attribute:
+        value = helper.get_attribute_value(attr)
+        if isinstance(value, bytes):
+            value = value.decode()
+        elif isinstance(value, float):
+            value = float(str(np.float32(value)))  # ONNX stores float32: 0.2, not 0.20000000298
+        out[attr.name] = value
+    return out
+
+
+def normalize(proto: Any) -> Any:
+    """Function-preserving copy: constants and initializer aliases become initializers,
+    and bias-like initializers shared by several nodes are duplicated (see module doc)."""
+    from onnx import numpy_helper
+
+    model = copy.deepcopy(proto)
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.output) == 1 and "value" in _attrs_of(node):
+            tensor = copy.deepcopy(_attrs_of(node)["value"])
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            inits[tensor.name] = tensor
+            continue
+        if node.op_type == "Identity" and node.input[0] in inits:
+            tensor = copy.deepcopy(inits[node.input[0]])
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            inits[tensor.name] = tensor
+            continue
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    # Untie shared non-weight parameters (position >= 2 of Conv/Gemm/BatchNormalization...).
+    seen: set[str] = set()
+    for index, node in enumerate(graph.node):
+        positions = range(2, len(node.input)) if node.op_type in ("Conv", "ConvTranspose", "Gemm") else ()
+        if node.op_type == "BatchNormalization":
+            positions = range(1, len(node.input))
+        for position in positions:
+            name = node.input[position]
+            if name not in inits:
+                continue
+            if name in seen:
+                copy_name = f"{name}__{node.name or index}_{position}"
+                array = numpy_helper.to_array(inits[name])
+                tensor = numpy_helper.from_array(array.copy(), copy_name)
+                graph.initializer.append(tensor)
+                inits[copy_name] = tensor
+                node.input[position] = copy_name
+            seen.add(name)
+    return model
+
+
+def _scope(name: str) -> str:
+    """'/layers/layers.0/downsample/downsample.0/Conv' (torch exporter naming, each segment
+    relative to its parent's name) -> 'layers.0.downsample.0'."""
+    if not name.startswith("/"):
+        return ""
+    path, last = "", ""
+    for segment in name.strip("/").split("/")[:-1]:
+        if last and segment.startswith(last + "."):
+            path += segment[len(last) :]
+        else:
+            path = f"{path}.{segment}" if path else segment
+        last = segment
+    return path
+
+
+def _lists(attrs: dict[str, Any], op: str) -> dict[str, Any]:
+    """ONNX attributes in the FX converter's form (stride, padding as lists, groups, ...)."""
+    out: dict[str, Any] = {}
+    for key, value in attrs.items():
+        if key in _ATTRS:
+            out[_ATTRS[key]] = list(value) if isinstance(value, (list, tuple)) else value
+    pads = attrs.get("pads")
+    if pads is not None:
+        pads = list(pads)
+        half = len(pads) // 2
+        out["padding"] = pads[:half] if pads[:half] == pads[half:] else pads
+    if op == "leaky_relu":
+        out = {"negative_slope": float(attrs.get("alpha", 0.01))}
+    if op in ("max_pool", "avg_pool") and not out.get("stride"):
+        out["stride"] = out.get("kernel_size")
+    if op in ("max_pool", "avg_pool") and "padding" not in out and out.get("kernel_size"):
+        out["padding"] = [0] * len(out["kernel_size"])
+    if "ceil_mode" in out:
+        out["ceil_mode"] = bool(out["ceil_mode"])
+    return out
+
+
+class _Converter:
+    def __init__(self, model: Any) -> None:
+        from onnx import numpy_helper
+
+        self.model = model
+        self.graph = model.graph
+        self.arrays = {init.name: numpy_helper.to_array(init) for init in self.graph.initializer}
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.encodings: dict[str, Encoding] = {}
+        self.nodes: dict[str, Node] = {}
+        self.producer: dict[str, str] = {}  # ONNX value name -> internal node name
+        self.activations: set[str] = set()  # ONNX value names carrying activations
+        self.fused: set[int] = set()  # indices of Add nodes fused into a MatMul
+        self.consumers: dict[str, list[int]] = {}
+        for index, node in enumerate(self.graph.node):
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(index)
+
+    def _tensor(self, key: str, encoding: Encoding | None = None) -> str:
+        if key not in self.tensors:
+            array = self.arrays[key]
+            value = torch.from_numpy(np.array(array, copy=True))
+            if encoding is not None:
+                value = value.T.contiguous() if encoding.transpose else value
+                value = value * encoding.scale if encoding.scale != 1.0 else value
+                self.encodings[key] = encoding
+            self.tensors[key] = value
+        return key
+
+    def _is_act(self, name: str) -> bool:
+        return name in self.activations
+
+    def _add(self, node: Node, outputs: Sequence[str], activation: bool = True) -> None:
+        self.nodes[node.name] = node
+        for out in outputs:
+            if out:
+                self.producer[out] = node.name
+                if activation:
+                    self.activations.add(out)
+
+    def _inputs(self, names: Sequence[str]) -> list[str]:
+        return [self.producer[n] for n in names if n and self._is_act(n)]
+
+    def _scalar(self, name: str) -> float | None:
+        array = self.arrays.get(name)
+        if array is None or array.size != 1:
+            return None
+        return float(array.reshape(()))
+
+    def convert(self) -> dict[str, Node]:
+        for value in self.graph.input:
+            if value.name in self.arrays:
+                continue
+            self._add(Node(value.name, "input", source="input"), [value.name])
+        for index, onnx_node in enumerate(self.graph.node):
+            if index not in self.fused:
+                self._convert_node(index, onnx_node)
+        outputs = [self.producer[v.name] for v in self.graph.output if v.name in self.producer and self._is_act(v.name)]
+        self.nodes["output"] = Node("output", "output", inputs=outputs, source="output")
+        return self.nodes
+
+    def _node_name(self, index: int, onnx_node: Any) -> str:
+        name = onnx_node.name or f"{onnx_node.op_type}_{index}"
+        return name if name not in self.nodes else f"{name}_{index}"
+
+    def _convert_node(self, index: int, onnx_node: Any) -> None:
+        op_type = onnx_node.op_type
+        name = self._node_name(index, onnx_node)
+        attrs_raw = _attrs_of(onnx_node)
+        acts = [n for n in onnx_node.input if n and self._is_act(n)]
+        outputs = list(onnx_node.output)
+        source = f"onnx.{op_type}"
+        scope = _scope(onnx_node.name)
+        if not acts:
+            # Computed from constants only (shape arithmetic, folded constants): not an activation.
+            self._add(Node(name, "shape", source=source, scope=scope), outputs, activation=False)
+            return
+        params: dict[str, str] = {}
+        attrs: dict[str, Any] = {}
+        op = ONNX_TABLE.get(op_type, op_type)
+        activation = op != "shape"
+        if op_type == "Gemm":
+            op, params, attrs = self._gemm(onnx_node, attrs_raw)
+        elif op_type == "MatMul":
+            op, params, attrs = self._matmul(index, onnx_node, outputs)
+        elif op_type in ("Add", "Sub", "Mul", "Div"):
+            op, params, attrs = self._arith(op_type.lower(), onnx_node)
+        elif op_type == "BatchNormalization":
+            op = "batch_norm_train" if attrs_raw.get("training_mode", 0) else "batch_norm"
+            attrs = {"eps": float(attrs_raw.get("epsilon", 1e-5)), "training": op == "batch_norm_train"}
+            attrs["affine"] = True
+            params = self._params(onnx_node, _PARAM_INPUTS["batch_norm"])
+            outputs = outputs[:1]
+        elif op_type == "Gather" and onnx_node.input[0] in self.arrays:
+            op, params = "embedding", {"weight": self._tensor(onnx_node.input[0])}
+        elif op_type == "Gather":
+            op = "slice"
+        elif op_type == "Dropout":
+            op, outputs = "dropout", outputs[:1]
+        elif op_type == "Pad" and attrs_raw.get("mode", "constant") != "constant":
+            op = "pad_" + str(attrs_raw.get("mode"))  # reflect/edge padding: unclassified
+        else:
+            attrs = _lists(attrs_raw, op)
+            if op in _PARAM_INPUTS:
+                params = self._params(onnx_node, _PARAM_INPUTS[op])
+        if op == "max_pool" and len(outputs) > 1:
+            outputs = outputs[:1]
+        # Shape reads never count as consumers (as in the FX converter): they must not split chains.
+        inputs = self._inputs(onnx_node.input) if activation else []
+        if op not in ("add", "sub", "mul", "matmul", "cat"):
+            inputs = list(dict.fromkeys(inputs))
+        node = Node(name, op, inputs=inputs, params=params, attrs=attrs, source=source, scope=scope)
+        self._add(node, outputs, activation=activation)
+
+    def _params(self, onnx_node: Any, positions: dict[int, str]) -> dict[str, str]:
+        params = {}
+        for position, role in positions.items():
+            if position < len(onnx_node.input) and onnx_node.input[position] in self.arrays:
+                params[role] = self._tensor(onnx_node.input[position])
+        return params
+
+    def _gemm(self, onnx_node: Any, attrs: dict[str, Any]) -> tuple[str, dict[str, str], dict[str, Any]]:
+        a, b = onnx_node.input[0], onnx_node.input[1]
+        c = onnx_node.input[2] if len(onnx_node.input) > 2 else ""
+        if attrs.get("transA", 0) or b not in self.arrays or not self._is_act(a):
+            return "matmul", {}, {}
+        alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+        params = {"weight": self._tensor(b, Encoding(transpose=not attrs.get("transB", 0), scale=alpha))}
+        if c and c in self.arrays:
+            params["bias"] = self._tensor(c, Encoding(scale=beta))
+        elif c:
+            return "matmul", {}, {}  # bias computed at run time
+        return "linear", params, {}
+
+    def _matmul(self, index: int, onnx_node: Any, outputs: list[str]) -> tuple[str, dict[str, str], dict[str, Any]]:
+        a, b = onnx_node.input[0], onnx_node.input[1]
+        if b not in self.arrays or not self._is_act(a) or self.arrays[b].ndim != 2:
+            return "matmul", {}, {}
+        params = {"weight": self._tensor(b, Encoding(transpose=True))}
+        readers = self.consumers.get(onnx_node.output[0], [])
+        if len(readers) == 1 and onnx_node.output[0] not in {v.name for v in self.graph.output}:
+            add = self.graph.node[readers[0]]
+            others = [n for n in add.input if n != onnx_node.output[0]]
+            if add.op_type == "Add" and len(others) == 1 and others[0] in self.arrays:
+                bias = self.arrays[others[0]]
+                if bias.ndim <= 1 or bias.size == bias.shape[-1]:
+                    params["bias"] = self._tensor(others[0])
+                    self.fused.add(readers[0])
+                    outputs[:] = [*outputs, *add.output]
+        return "linear", params, {}
+
+    def _arith(self, kind: str, onnx_node: Any) -> tuple[str, dict[str, str], dict[str, Any]]:
+        operands = list(onnx_node.input[:2])
+        acts = [n for n in operands if self._is_act(n)]
+        consts = [n for n in operands if n in self.arrays]
+        if len(acts) == 2:
+            return ("div" if kind == "div" else kind), {}, {}
+        if len(acts) != 1 or len(consts) != 1:
+            return f"onnx.{kind}", {}, {}  # an operand computed at run time from no activation
+        const = consts[0]
+        scalar = self._scalar(const)
+        if kind in ("add", "sub"):
+            if scalar == 0.0 or (const in self.arrays and not np.any(self.arrays[const])):
+                return "identity", {}, {}
+            if kind == "sub" and operands[0] == const:
+                return "add_const", {}, {}  # c - x
+            return "add_const", {"offset": self._tensor(const)}, {}
+        if kind == "mul":
+            if scalar is not None:
+                return "scale", {}, {"factor": scalar}
+            return "scale_param", {"scale": self._tensor(const)}, {}
+        if operands[1] != const:  # c / x
+            return "div", {}, {}
+        if scalar is not None:
+            return "scale", {}, {"factor": (1.0 / scalar) if scalar else None}
+        return "scale_param", {"inverse_scale": self._tensor(const)}, {}
+
+
+def default_inputs(model: Any, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random inputs of the model's declared shapes; dynamic dimensions set to 1."""
+    from onnx import helper
+
+    initializers = {init.name for init in model.graph.initializer}
+    generator = torch.Generator().manual_seed(seed)
+    inputs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in tensor_type.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            inputs.append(torch.randn(shape, generator=generator).to(torch.from_numpy(np.zeros(0, dtype)).dtype))
+        else:
+            inputs.append(torch.zeros(shape, dtype=torch.from_numpy(np.zeros(0, dtype)).dtype))
+    return tuple(inputs)
+
+
+def make_onnx_runner(onnx_model: OnnxModel, example_inputs: Sequence[Any]):
+    """Runs the model in onnxruntime with some initializers replaced (session rebuilt per call)."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    initializers = {init.name for init in onnx_model.proto.graph.initializer}
+    names = [v.name for v in onnx_model.proto.graph.input if v.name not in initializers]
+    input_types = {v.name: v.type.tensor_type.elem_type for v in onnx_model.proto.graph.input}
+
+    feeds = {}
+    for name, value in zip(names, example_inputs):
+        array = value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
+        feeds[name] = array.astype(helper.tensor_dtype_to_np_dtype(input_types[name]))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    cache: dict[str, Any] = {}
+
+    def session(proto: Any) -> Any:
+        return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    def run(overrides: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        if overrides:
+            sess = session(onnx_model.with_tensors(overrides))
+        else:
+            if "base" not in cache:
+                cache["base"] = session(onnx_model.proto)
+            sess = cache["base"]
+        return [torch.from_numpy(np.asarray(out)).double() for out in sess.run(None, feeds)]
+
+    return run
+
+
+def graph_from_onnx(model: Any, example_inputs: Sequence[Any] | None = None, seed: int = 0) -> Graph:
+    """Convert an ONNX model; verification runs in onnxruntime in float32 (runner_dtype)."""
+    try:
+        normalized = normalize(model)
+        converter = _Converter(normalized)
+        nodes = converter.convert()
+    except Exception as error:
+        raise TraceError(f"cannot convert the ONNX graph: {_short(error)}") from None
+    tensors = dict(converter.tensors)
+    # Initializers that no node uses as a parameter stay available under their own names.
+    for key, array in converter.arrays.items():
+        if key not in tensors and np.issubdtype(array.dtype, np.floating):
+            tensors[key] = torch.from_numpy(np.array(array, copy=True))
+    onnx_model = OnnxModel(normalized, converter.encodings)
+    graph = Graph(nodes, tensors, "onnx")
+    graph.onnx_model = onnx_model  # type: ignore[attr-defined]
+    used = {key for node in nodes.values() for key in node.params.values()}
+    graph.parameter_count = int(sum(tensors[key].numel() for key in used if key in tensors))
+    inputs = tuple(example_inputs) if example_inputs is not None else default_inputs(normalized, seed)
+    try:
+        graph.runner = make_onnx_runner(onnx_model, inputs)
+        graph.runner_dtype = torch.float32
+    except Exception:
+        graph.runner = None
+    return graph
