@@ -524,7 +524,11 @@ def graph_from_onnx(model: Any, example_inputs: Sequence[Any] | None = None, see
     inputs = tuple(example_inputs) if example_inputs is not None else default_inputs(normalized, seed)
     try:
         graph.runner = make_onnx_runner(onnx_model, inputs)
-        graph.runner_dtype = torch.float32
-    except Exception:
+        graph.runner_dtype = torch.float32  # ORT has no float64 kernels for most ops (conv)
+        graph.runner({})
+    except Exception as error:
         graph.runner = None
+        if example_inputs is not None:
+            shapes = ";".join(",".join(map(str, x.shape)) for x in inputs if torch.is_tensor(x))
+            raise InputError(f"the ONNX model does not run on inputs of shape {shapes}: {_short(error)}") from None
     return graph

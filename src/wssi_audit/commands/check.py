@@ -1,0 +1,270 @@
+"""`wssi-audit check MODEL [MODEL...]`: CI gate over audit metrics (rules in wssi_audit.checks)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..audit import analyze
+from ..checks import FAIL, PASS, SKIP, CheckResult, load_baseline, read_config, rules_from_config, run_checks
+from ..cli_support import console, error_console, handle_errors, write_atomic
+from ..errors import EXIT_INCONSISTENT, EXIT_OK, EXIT_RULE_FAILED, EXIT_USAGE, InputError, WssiError
+from .audit import ARCH, IMPORTS, INPUT_SHAPE, METHOD, SEED, TRUST_PICKLE, load_for_cli
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 every rule passed; 1 a rule failed; 2 usage or input error (bad option, config, "
+    "or a model file that cannot be read); 3 analysis inconsistency (a chain failed its scale-shift "
+    "self-check). With several models the most serious wins: 2, then 3, then 1."
+)
+
+
+class CheckFormat(str, Enum):
+    table = "table"
+    json = "json"
+    junit = "junit"
+    github = "github"
+
+
+@dataclass
+class ModelOutcome:
+    """One model's checks, or the one-line error that stopped it."""
+
+    source: str
+    results: list[CheckResult] = field(default_factory=list)
+    document: dict[str, Any] | None = None  # the audit report document
+    error: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        if self.error is not None:
+            return EXIT_USAGE
+        if any(r.name == "self-check" and r.status == FAIL for r in self.results):
+            return EXIT_INCONSISTENT
+        if any(r.status == FAIL for r in self.results):
+            return EXIT_RULE_FAILED
+        return EXIT_OK
+
+
+def overall_exit_code(outcomes: list[ModelOutcome]) -> int:
+    codes = {o.exit_code for o in outcomes}
+    for code in (EXIT_USAGE, EXIT_INCONSISTENT, EXIT_RULE_FAILED):
+        if code in codes:
+            return code
+    return EXIT_OK
+
+
+def _value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_table(outcomes: list[ModelOutcome], out: Console) -> None:
+    table = Table(title="wssi-audit check", show_lines=False)
+    for column in ("model", "rule", "status", "value", "threshold", "detail"):
+        table.add_column(column, overflow="fold")
+    styles = {PASS: "green", FAIL: "bold red", SKIP: "yellow", "error": "bold red"}
+    for outcome in outcomes:
+        name = Path(outcome.source).name
+        if outcome.error is not None:
+            table.add_row(name, "load", "[bold red]error[/]", "-", "-", outcome.error)
+            continue
+        for r in outcome.results:
+            status = f"[{styles[r.status]}]{r.status}[/]"
+            table.add_row(name, r.name, status, _value(r.value), _value(r.threshold), r.message)
+    out.print(table)
+    results = [r for o in outcomes for r in o.results]
+    failed = sum(r.status == FAIL for r in results)
+    errors = sum(o.error is not None for o in outcomes)
+    out.print(
+        f"{len(outcomes)} model(s), {len(results)} check(s): {sum(r.status == PASS for r in results)} passed, "
+        f"{failed} failed, {sum(r.status == SKIP for r in results)} skipped, {errors} error(s)",
+        highlight=False,
+    )
+
+
+def _outcome_document(outcome: ModelOutcome) -> dict[str, Any]:
+    checks = [r.to_dict() for r in outcome.results]
+    if outcome.error is not None:
+        return {"model": {"source": outcome.source}, "error": outcome.error, "checks": checks, "exit_code": 2}
+    return {**(outcome.document or {}), "checks": checks, "exit_code": outcome.exit_code}
+
+
+def render_json(outcomes: list[ModelOutcome]) -> str:
+    """One model: its audit report plus `checks`; several: a JSON list of those."""
+    documents = [_outcome_document(o) for o in outcomes]
+    data: Any = documents[0] if len(documents) == 1 else documents
+    return json.dumps(data, indent=2, allow_nan=False) + "\n"
+
+
+def render_junit(outcomes: list[ModelOutcome]) -> str:
+    """JUnit XML: one testsuite per model, one testcase per rule."""
+    root = ET.Element("testsuites", name="wssi-audit")
+    totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    for outcome in outcomes:
+        suite = ET.SubElement(root, "testsuite", name=outcome.source)
+        counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+        if outcome.error is not None:
+            case = ET.SubElement(suite, "testcase", classname=outcome.source, name="load")
+            ET.SubElement(case, "error", message=outcome.error, type="InputError").text = outcome.error
+            counts["tests"] += 1
+            counts["errors"] += 1
+        for r in outcome.results:
+            case = ET.SubElement(suite, "testcase", classname=outcome.source, name=r.name)
+            counts["tests"] += 1
+            if r.status == FAIL:
+                kind = "AnalysisInconsistency" if r.name == "self-check" else "RuleFailed"
+                detail = f"value {_value(r.value)}, threshold {_value(r.threshold)}: {r.message}"
+                ET.SubElement(case, "failure", message=r.message, type=kind).text = detail
+                counts["failures"] += 1
+            elif r.status == SKIP:
+                ET.SubElement(case, "skipped", message=r.message)
+                counts["skipped"] += 1
+            else:
+                ET.SubElement(case, "system-out").text = r.message
+        for key, value in counts.items():
+            suite.set(key, str(value))
+            totals[key] += value
+    for key, value in totals.items():
+        root.set(key, str(value))
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def _escape_data(text: str) -> str:
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _escape_property(text: str) -> str:
+    return _escape_data(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def render_github(outcomes: list[ModelOutcome]) -> str:
+    """GitHub Actions workflow commands: one ::error per failure, one ::notice summary."""
+    lines = []
+    for outcome in outcomes:
+        location = _escape_property(outcome.source)
+        if outcome.error is not None:
+            lines.append(f"::error file={location},title=wssi-audit::{_escape_data(outcome.error)}")
+        for r in outcome.results:
+            if r.status == FAIL:
+                title = _escape_property(f"wssi-audit {r.name}")
+                message = _escape_data(f"{r.name} failed: {r.message}")
+                lines.append(f"::error file={location},title={title}::{message}")
+    passed = sum(r.status == PASS for o in outcomes for r in o.results)
+    total = sum(len(o.results) for o in outcomes)
+    lines.append(f"::notice title=wssi-audit::{passed} of {total} checks passed on {len(outcomes)} model(s)")
+    return "\n".join(lines) + "\n"
+
+
+def check_models(models: list[Path], rules: Any, load: Any, method: str = "auto", seed: int = 0) -> list[ModelOutcome]:
+    """Audit and check each model; an unreadable model becomes an error outcome, not an abort."""
+    outcomes = []
+    for path in models:
+        outcome = ModelOutcome(str(path))
+        try:
+            report = analyze(load(path), method=method, verify=True, seed=seed).report
+            outcome.document = report.to_dict()
+            baseline = load_baseline(rules.baseline, outcome.document) if rules.baseline else None
+            outcome.results = run_checks(outcome.document, rules, baseline)
+        except WssiError as error:
+            outcome.error = str(error)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("check", help=f"Check models against rules, for CI. {EXIT_CODES_HELP}")
+    @handle_errors
+    def check_command(
+        models: list[Path] = typer.Argument(..., help="Model files (same formats as audit)."),
+        config: Path | None = typer.Option(
+            None, "--config", help="TOML file with the rules (default: [tool.wssi-audit] in ./pyproject.toml)."
+        ),
+        max_imbalance: float | None = typer.Option(
+            None, "--max-imbalance", help="Fail when a chain's imbalance exceeds this many decades."
+        ),
+        max_log10_intrinsic_norm: float | None = typer.Option(
+            None, "--max-log10-intrinsic-norm", help="Fail when a chain's log10 intrinsic norm exceeds this."
+        ),
+        max_log10_gradient_bound: float | None = typer.Option(
+            None, "--max-log10-gradient-bound", help="Fail when log10 of the input-gradient bound exceeds this."
+        ),
+        min_coverage: float | None = typer.Option(
+            None, "--min-coverage", help="Fail when less than this fraction of ops (0..1) is analysed."
+        ),
+        require_verified: bool | None = typer.Option(
+            None, "--require-verified/--no-require-verified", help="Fail unless every chain is verified."
+        ),
+        baseline: Path | None = typer.Option(
+            None, "--baseline", help="Earlier JSON report: fail when a metric regressed by more than --tolerance."
+        ),
+        tolerance: float | None = typer.Option(
+            None, "--tolerance", help="Allowed regression vs --baseline, in the metric's units (default 0.05)."
+        ),
+        output_format: CheckFormat = typer.Option(
+            CheckFormat.table, "--format", "-f", help="table, json, junit or github."
+        ),
+        output: Path | None = typer.Option(None, "--output", "-o", help="Write the result here instead of stdout."),
+        arch: str | None = ARCH,
+        input_shape: str | None = INPUT_SHAPE,
+        trust_pickle: bool = TRUST_PICKLE,
+        imports: list[str] = IMPORTS,
+        method: str = METHOD,
+        seed: int = SEED,
+    ) -> None:
+        if method not in ("auto", "fx", "export"):
+            raise InputError(f"bad --trace '{method}': choose auto, fx or export")
+        overrides = {
+            "max_imbalance": max_imbalance,
+            "max_log10_intrinsic_norm": max_log10_intrinsic_norm,
+            "max_log10_gradient_bound": max_log10_gradient_bound,
+            "min_coverage": min_coverage,
+            "require_verified": require_verified,
+            "baseline": str(baseline) if baseline is not None else None,
+            "tolerance": tolerance,
+        }
+        rules = rules_from_config(read_config(config), overrides)
+        if rules.baseline:
+            load_baseline(rules.baseline)  # a missing or broken baseline is a usage error, before any work
+
+        def load(path: Path) -> Any:
+            return load_for_cli(path, arch, input_shape, trust_pickle, imports, seed)
+
+        outcomes = check_models(models, rules, load, method, seed)
+        text = _render(outcomes, output_format)
+        if output is not None:
+            write_atomic(output, text)
+            console.print(f"check results written to {output}")
+        else:
+            typer.echo(text, nl=False)
+        if os.environ.get("GITHUB_ACTIONS") == "true" and output_format is not CheckFormat.github:
+            # Annotations on stderr: stdout may carry JSON or XML (the runner reads both streams).
+            error_console.file.write(render_github(outcomes))
+        raise typer.Exit(overall_exit_code(outcomes))
+
+
+def _render(outcomes: list[ModelOutcome], output_format: CheckFormat) -> str:
+    if output_format is CheckFormat.json:
+        return render_json(outcomes)
+    if output_format is CheckFormat.junit:
+        return render_junit(outcomes)
+    if output_format is CheckFormat.github:
+        return render_github(outcomes)
+    buffer = io.StringIO()
+    render_table(outcomes, Console(file=buffer, width=max(console.width, 100), force_terminal=console.is_terminal))
+    return buffer.getvalue()
