@@ -11,7 +11,9 @@ Penalty, with n_u the Frobenius norm of a covered layer (BatchNorm folded):
   (= L N^{2/L}), else the whole residual network (chains joined by the residual stream).
   Bounded below by 0, and equal to weight decay's sum ||W||^2 at the balanced point.
 * optional direction term ``direction_strength * sum_u ||W_u||_1 / ||W_u||_2``
-* optional bias term ``bias_strength * sum_{l<L} ||b_l|| prod_{k>l} n_k`` within each chain.
+* optional bias term ``bias_strength * sum_{l<L} ||b_l|| prod_{k>l} n_k`` within each plain chain.
+  (Inside a residual branch this product would not be invariant to rescaling the residual stream -
+  the invariant weight is the norm product up to the network output - so branches get no bias term.)
 
 Every term is exactly invariant to function-preserving weight scale shifts inside a chain or a branch,
 and to rescaling the residual stream.
@@ -347,7 +349,7 @@ class WeightScaleRegularizer:
         later = torch.zeros(len(units), len(units))
         for i, a in enumerate(units):
             for j, b in enumerate(units):
-                if a.chain == b.chain and b.position > a.position:
+                if a.role == "chain" and a.chain == b.chain and b.position > a.position:
                     later[i, j] = 1.0
         rows = [torch.full((self._gammas[k].numel(),), k, dtype=torch.long) for k in range(len(self._folded))]
         cached = {
