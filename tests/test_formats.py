@@ -109,7 +109,9 @@ def test_pickled_module_is_refused_unless_trusted(tmp_path, monkeypatch):
     assert "--trust-pickle" in output and "Traceback" not in output
 
     monkeypatch.chdir(tmp_path)
-    result, output = run("audit", str(path), "--trust-pickle", "--import", "usernets", "--input-shape", "3,4", "-f", "json")
+    result, output = run(
+        "audit", str(path), "--trust-pickle", "--import", "usernets", "--input-shape", "3,4", "-f", "json"
+    )
     assert result.exit_code == 0, output
     document = json.loads(result.stdout)
     assert document["model"]["format"] == "pickle"

@@ -13,7 +13,12 @@ from .commands import COMMAND_MODULES
 
 app = typer.Typer(
     name="wssi-audit",
-    help="Audit the weight scales of positively homogeneous PyTorch networks, and train them better.",
+    help=(
+        "Audit the weight scales of positively homogeneous PyTorch networks, and train them better. "
+        "`wssi-audit MODEL` is short for `wssi-audit audit MODEL`.\n\n"
+        "Exit codes: 0 ok, 1 a check failed, 2 usage or input error, 3 analysis inconsistency "
+        "(a chain failed its scale-shift self-check), 4 internal error."
+    ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

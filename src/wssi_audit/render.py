@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
@@ -179,10 +181,11 @@ def render_markdown(report: Report) -> str:
 
 
 def render_text(report: Report, *, layers: bool = False, width: int = 120) -> str:
-    console = Console(record=True, width=width, force_terminal=False, color_system=None)
-    with console.capture():
-        render_console(report, console, layers=layers)
-    return console.export_text()
+    """The terminal report as plain text (no colour codes), for --output files."""
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, force_terminal=False, color_system=None)
+    render_console(report, console, layers=layers)
+    return buffer.getvalue()
 
 
 _ = Group
