@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,7 +43,8 @@ def example_inputs_of(program: torch.export.ExportedProgram, seed: int = 0) -> t
 def _program_runner(program: torch.export.ExportedProgram, example_inputs: Sequence[Any]) -> tuple[Runner, torch.dtype]:
     from torch.func import functional_call
 
-    module = program.module()
+    # A private copy: program.module() shares the program's tensors, and .to() would convert them.
+    module = copy.deepcopy(program.module())
     dtype = torch.float64
     try:
         module = module.to(dtype)
@@ -51,7 +53,7 @@ def _program_runner(program: torch.export.ExportedProgram, example_inputs: Seque
             module(*inputs)
     except Exception:
         dtype = torch.float32
-        module = program.module().to(dtype)
+        module = copy.deepcopy(program.module()).to(dtype)
         inputs = tuple(example_inputs)
 
     def run(overrides: Any) -> list[torch.Tensor]:

@@ -1,0 +1,65 @@
+"""`wssi-audit balance MODEL -o OUT`: the function-preserving shift that equalizes layer norms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ..balance import balance, save_balanced
+from ..cli_support import console, handle_errors
+from ..errors import InputError
+from .audit import ARCH, IMPORTS, INPUT_SHAPE, METHOD, SEED, TRUST_PICKLE, load_for_cli
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("balance")
+    @handle_errors
+    def balance_command(
+        model: Path = typer.Argument(..., help="Model file (same formats as audit); never modified."),
+        output: Path = typer.Option(..., "--output", "-o", help="Where to write the balanced model."),
+        arch: str | None = ARCH,
+        input_shape: str | None = INPUT_SHAPE,
+        trust_pickle: bool = TRUST_PICKLE,
+        imports: list[str] = IMPORTS,
+        method: str = METHOD,
+        seed: int = SEED,
+    ) -> None:
+        """Equalize the layer norms inside every homogeneous chain without changing the function.
+
+        The balanced model has the smallest weight-decay penalty sum ||W||^2 on its shift orbit;
+        the intrinsic norm (product of the layer norms) stays the same. Written in the input's
+        format (.pt2, state dict, safetensors, pickled module, ONNX), after checking on an
+        example input that the outputs did not change.
+        """
+        if method not in ("auto", "fx", "export"):
+            raise InputError(f"bad --trace '{method}': choose auto, fx or export")
+        if output.exists() and output.resolve() == model.resolve():
+            raise InputError("--output must differ from the input model: the input is never modified")
+        loaded = load_for_cli(model, arch, input_shape, trust_pickle, imports, seed)
+        result = balance(loaded, method=method, seed=seed)
+        written = save_balanced(result, output)
+
+        table = Table(title=f"rebalanced {model.name}: {result.chains_balanced} chain(s)")
+        for column in ("", "before", "after"):
+            table.add_column(column, justify="right" if column else "left")
+        table.add_row(
+            "sum ||W||^2 (weight decay)", f"{result.weight_decay_before:.6g}", f"{result.weight_decay_after:.6g}"
+        )
+        table.add_row(
+            "log10 intrinsic norm (sum over chains)",
+            f"{result.log10_intrinsic_before:.6f}",
+            f"{result.log10_intrinsic_after:.6f}",
+        )
+        table.add_row(
+            "max imbalance (decades)", f"{result.max_imbalance_before:.4f}", f"{result.max_imbalance_after:.4f}"
+        )
+        console.print(table)
+        for note in result.notes:
+            console.print(f"note: {note}", highlight=False)
+        console.print(
+            f"outputs unchanged: max relative change {result.max_relative_error:.2e} ({result.check_dtype}); "
+            f"written to {output} ({written})",
+            highlight=False,
+        )
