@@ -96,7 +96,7 @@ def local_penalty(net: nn.Module, example: torch.Tensor, form: str, strength: fl
 def shared_regularizer_available() -> bool:
     try:
         from ..regularizer import WeightScaleRegularizer  # noqa: F401
-    except Exception:  # noqa: BLE001 - absent or broken: the experiments fall back to local_penalty
+    except Exception:
         return False
     return True
 
