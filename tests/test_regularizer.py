@@ -172,11 +172,11 @@ def test_update_has_no_component_along_the_shift_orbit(form: str) -> None:
     reg = WeightScaleRegularizer(model, x, strength=0.1, form=form, direction_strength=0.05, bias_strength=0.05)
     reg.add_gradients_()
     linears = [m for m in model if isinstance(m, nn.Linear)]
-    bias_terms = [float((m.bias.grad * m.bias).sum()) for m in linears]
-    energies = [float((m.weight.grad * m.weight).sum()) + sum(bias_terms[i:]) for i, m in enumerate(linears)]
+    bias_terms = [float((m.bias.grad * m.bias.detach()).sum()) for m in linears]
+    energies = [float((m.weight.grad * m.weight.detach()).sum()) + sum(bias_terms[i:]) for i, m in enumerate(linears)]
     assert max(energies) - min(energies) < 1e-9 * max(abs(e) for e in energies)
     # Weight decay's E_l = 2 ||W_l||^2 differs across layers: it does push along the orbit.
-    decay = [2 * float(m.weight.square().sum()) for m in linears]
+    decay = [2 * float(m.weight.detach().square().sum()) for m in linears]
     assert max(decay) - min(decay) > 1e-3
 
 

@@ -368,6 +368,9 @@ class WeightScaleRegularizer:
             "later": later.to(device, self._dtype),
             "channel_unit": (torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)).to(device),
             "plain_bias_units": torch.tensor(self._plain_bias_units, **long),
+            "eps": torch.cat([
+                torch.full((g.numel(),), e, dtype=self._dtype) for g, e in zip(self._gammas, self._bn_eps)
+            ]).to(device) if self._folded else torch.zeros(0, device=device, dtype=self._dtype),
         }
         self._index_cache[(device, self._dtype)] = cached
         return cached
@@ -425,28 +428,29 @@ class WeightScaleRegularizer:
         return torch.stack(out)  # type: ignore[arg-type]
 
     def _folded_parts(self, index: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-channel pieces of the folded layers: a = 1/sqrt(var+eps), row norms of W, gamma."""
-        device = self._device
+        """Per-channel pieces of the folded layers: a = 1/sqrt(var+eps), squared row norms of W, gamma
+        (and, only when the optional terms need them, L1 row norms and the bias shift b - mean)."""
+        device, dtype = self._device, self._dtype
         if not self._folded:
-            empty = torch.zeros(0, device=device)
+            empty = torch.zeros(0, device=device, dtype=dtype)
             return {"a": empty, "rows2": empty, "rows1": empty, "gamma": empty, "shift": empty}
+        parts: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            var = torch.cat([m.running_var.to(device, self._dtype) for m in self._bn_modules])
-            eps = torch.cat([
-                torch.full((g.numel(),), e, device=device, dtype=self._dtype)
-                for g, e in zip(self._gammas, self._bn_eps)
-            ])
-            a = torch.rsqrt(var + eps)
-            rows2 = torch.cat([w.detach().flatten(1).to(self._dtype).square().sum(1) for w in self._folded_weights])
-            rows1 = torch.cat([w.detach().flatten(1).to(self._dtype).abs().sum(1) for w in self._folded_weights])
-            mean = torch.cat([m.running_mean.to(device, self._dtype) for m in self._bn_modules])
-            conv_bias = torch.cat([
-                b.detach().to(self._dtype) if b is not None else g.detach().new_zeros(g.numel(), dtype=self._dtype)
-                for b, g in zip(self._folded_conv_bias, self._gammas)
-            ])
-        gamma = torch.cat([g.to(self._dtype) for g in self._gammas])
-        return {"a": a, "rows2": rows2.to(device), "rows1": rows1.to(device), "gamma": gamma,
-                "shift": (conv_bias - mean).to(device)}
+            var = torch.cat([m.running_var for m in self._bn_modules]).to(device, dtype)
+            parts["a"] = torch.rsqrt(var + index["eps"])
+            weights = [w.detach().flatten(1) for w in self._folded_weights]
+            parts["rows2"] = torch.cat([torch.linalg.vector_norm(w, dim=1, dtype=dtype) for w in weights]).square()
+            if self.direction_strength > 0:
+                parts["rows1"] = torch.cat([torch.linalg.vector_norm(w, 1, dim=1, dtype=dtype) for w in weights])
+            if self.bias_strength > 0:
+                mean = torch.cat([m.running_mean for m in self._bn_modules]).to(device, dtype)
+                conv_bias = torch.cat([
+                    b.detach().to(dtype) if b is not None else g.detach().new_zeros(g.numel(), dtype=dtype)
+                    for b, g in zip(self._folded_conv_bias, self._gammas)
+                ])
+                parts["shift"] = conv_bias.to(device) - mean
+        parts["gamma"] = torch.cat([g.to(dtype) for g in self._gammas])
+        return parts
 
     def _norms(self, index: dict[str, torch.Tensor], parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """Frobenius norm of every covered layer (BatchNorm folded), float32, differentiable."""
