@@ -155,6 +155,7 @@ def test_export_onnx_matches_torch(source: str, tmp_path: Path) -> None:
     assert "float32" in result.output
     assert np.allclose(_onnx_run(balanced, x), expected, rtol=1e-4, atol=1e-4)
     assert audit(str(balanced)).summary.max_imbalance_decades < 1e-5
+    assert balance(str(out)).format == "onnx"  # the Python API takes a path too
 
 
 def test_export_errors(tmp_path: Path) -> None:

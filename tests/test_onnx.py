@@ -209,3 +209,38 @@ def test_cli_audit_onnx_json(tmp_path: Path) -> None:
     result = runner.invoke(app, ["audit", str(path), "--input-shape", "3,1,8,8"])
     assert result.exit_code == 2, result.output
     assert "does not run on inputs of shape 3,1,8,8" in result.output
+
+
+class _Mixed(torch.nn.Module):
+    """Conv-transpose, PReLU, LeakyReLU, average pooling, a channel concat and a sigmoid head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.b = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.up = torch.nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.act = torch.nn.PReLU(4)
+        self.pool = torch.nn.AvgPool2d(2)
+        self.leaky = torch.nn.LeakyReLU(0.1)
+        self.head = torch.nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1)
+        x = self.pool(self.act(self.up(x)))
+        return torch.sigmoid(self.head(torch.flatten(self.leaky(x), 1)))
+
+
+def test_more_ops_match_torch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = _Mixed().eval(), torch.randn(2, 1, 8, 8)
+    reference = audit(model, (x,))
+    report = audit(export_onnx(model, x, tmp_path / "mixed.onnx"))
+    ops = sorted(n.op for n in build_graph(onnx.load(str(tmp_path / "mixed.onnx"))).nodes.values())
+    assert {"cat", "conv_transpose", "prelu", "avg_pool", "leaky_relu", "sigmoid"} <= set(ops)
+    assert [len(c.layers) for c in report.chains] == [len(c.layers) for c in reference.chains]
+    assert [layer.name for layer in report.layers] == [layer.name for layer in reference.layers]
+    for ours, theirs in zip(report.layers, reference.layers):
+        assert math.isclose(ours.frobenius, theirs.frobenius, rel_tol=1e-6)
+    assert [b.op for b in report.barriers] == [b.op for b in reference.barriers] == ["sigmoid"]
+    assert report.summary.all_verified is True
+    assert report.summary.log10_input_gradient_bound == pytest.approx(reference.summary.log10_input_gradient_bound)

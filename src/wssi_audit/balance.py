@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from .analysis.structure import Chain
+from .analysis.metrics import chain_metrics, layer_norms
 from .analysis.verify import TOLERANCE, relative_error
-from .analysis.weights import effective_weight, shift_layers
+from .analysis.weights import shift_layers
 from .audit import Analysis, analyze
 from .errors import AnalysisInconsistency, InputError
 
@@ -47,26 +47,20 @@ class BalanceResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _log10_norms(chain: Chain, tensors: Mapping[str, torch.Tensor]) -> list[float]:
-    norms = [float(torch.linalg.vector_norm(effective_weight(layer, tensors)[0])) for layer in chain.layers]
-    return [math.log10(n) if n > 0 else -math.inf for n in norms]
-
-
 def _summary(analysis: Analysis, tensors: Mapping[str, torch.Tensor]) -> tuple[float, float, float]:
     """(sum ||W_eff||^2 over layers, sum of chain log10 intrinsic norms, max chain imbalance)."""
-    decay = sum(float(effective_weight(layer, tensors)[0].pow(2).sum()) for layer in analysis.structure.layers)
-    intrinsic, imbalance = 0.0, 0.0
-    for chain in analysis.structure.chains:
-        logs = _log10_norms(chain, tensors)
-        intrinsic += sum(logs)
-        if len(logs) > 1 and all(math.isfinite(v) for v in logs):
-            imbalance = max(imbalance, max(logs) - min(logs))
-    return decay, intrinsic, imbalance
+    norms = layer_norms(analysis.structure.layers, tensors, spectral=False)
+    decay = sum(n.frobenius**2 for n in norms.values())
+    metrics = [(chain, chain_metrics(chain, norms)) for chain in analysis.structure.chains]
+    intrinsic = sum(m.log10_intrinsic_norm for _, m in metrics)
+    imbalances = [m.imbalance_decades for c, m in metrics if len(c.layers) > 1 and math.isfinite(m.imbalance_decades)]
+    return decay, intrinsic, max(imbalances, default=0.0)
 
 
 def balance_factors(analysis: Analysis) -> tuple[dict[str, torch.Tensor], dict[str, float], int, list[str]]:
     """The overrides realising the balancing shift of every chain of 2+ layers."""
     tensors = analysis.graph.tensors
+    norms = layer_norms(analysis.structure.layers, tensors, spectral=False)
     overrides: dict[str, torch.Tensor] = {}
     factors: dict[str, float] = {}
     notes: list[str] = []
@@ -74,7 +68,7 @@ def balance_factors(analysis: Analysis) -> tuple[dict[str, torch.Tensor], dict[s
     for chain in analysis.structure.chains:
         if len(chain.layers) < 2:
             continue
-        logs = _log10_norms(chain, tensors)
+        logs = [norms[layer.name].log10_frobenius for layer in chain.layers]
         if not all(math.isfinite(v) for v in logs):
             notes.append(f"chain {chain.id} has an all-zero layer: left as it is")
             continue
@@ -95,6 +89,10 @@ def balance(
 ) -> BalanceResult:
     """Balance every chain of `model` (nn.Module, ExportedProgram, onnx.ModelProto, a path or a
     `LoadedModel`) and check on an example input that the outputs did not change."""
+    if isinstance(model, (str, Path)):
+        from .loading import load_model
+
+        model = load_model(model)  # once: the audit and the rewrite share it
     analysis = analyze(model, example_inputs, method=method, verify=True, seed=seed)
     report, graph = analysis.report, analysis.graph
     if report.failed_chains:
@@ -134,11 +132,6 @@ def _original(model: Any) -> tuple[Any, str]:
 
     if isinstance(model, LoadedModel):
         return model.model, model.format
-    if isinstance(model, (str, Path)):
-        from .loading import load_model
-
-        loaded = load_model(model)
-        return loaded.model, loaded.format
     if isinstance(model, torch.export.ExportedProgram):
         return model, "torch.export"
     if type(model).__name__ == "ModelProto":
