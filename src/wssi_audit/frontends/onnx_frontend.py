@@ -109,7 +109,6 @@ _PARAM_INPUTS = {
     "group_norm": {1: "weight", 2: "bias"},
     "instance_norm": {1: "weight", 2: "bias"},
 }
-_BIAS_ROLES = ("bias", "running_mean", "running_var", "weight_bn")
 
 
 def load_onnx(path: str | Path) -> Any:
@@ -124,7 +123,8 @@ def load_onnx(path: str | Path) -> Any:
     if not model.graph.node:
         raise InputError(f"cannot read ONNX file {path.name}: it holds no graph (empty or not an ONNX model)")
     try:
-        onnx.checker.check_model(model)
+        # Protos over 2 GB (external data) can only be checked from the file.
+        onnx.checker.check_model(str(path) if path.stat().st_size > 2**31 - 1 else model)
     except Exception as error:
         raise InputError(f"invalid ONNX model {path.name}: {_short(error)}") from None
     return model
@@ -190,6 +190,25 @@ def _attrs_of(node: Any) -> dict[str, Any]:
     return out
 
 
+def _constant_tensor(node: Any) -> Any:
+    """The TensorProto of a `Constant` node (value, value_float(s), value_int(s)), else None."""
+    from onnx import numpy_helper
+
+    attrs = {attr.name: attr for attr in node.attribute}
+    if "value" in attrs:
+        return copy.deepcopy(attrs["value"].t)
+    arrays = {
+        "value_float": lambda a: np.array(a.f, np.float32),
+        "value_floats": lambda a: np.array(list(a.floats), np.float32),
+        "value_int": lambda a: np.array(a.i, np.int64),
+        "value_ints": lambda a: np.array(list(a.ints), np.int64),
+    }
+    for key, make in arrays.items():
+        if key in attrs:
+            return numpy_helper.from_array(make(attrs[key]))
+    return None
+
+
 def normalize(proto: Any) -> Any:
     """Function-preserving copy: constants and initializer aliases become initializers,
     and bias-like initializers shared by several nodes are duplicated (see module doc)."""
@@ -200,8 +219,8 @@ def normalize(proto: Any) -> Any:
     inits = {init.name: init for init in graph.initializer}
     keep = []
     for node in graph.node:
-        if node.op_type == "Constant" and len(node.output) == 1 and "value" in _attrs_of(node):
-            tensor = copy.deepcopy(_attrs_of(node)["value"])
+        tensor = _constant_tensor(node) if node.op_type == "Constant" and len(node.output) == 1 else None
+        if tensor is not None:
             tensor.name = node.output[0]
             graph.initializer.append(tensor)
             inits[tensor.name] = tensor
@@ -271,6 +290,20 @@ def _lists(attrs: dict[str, Any], op: str) -> dict[str, Any]:
     if "ceil_mode" in out:
         out["ceil_mode"] = bool(out["ceil_mode"])
     return out
+
+
+def _conv_defaults(weight: torch.Tensor) -> dict[str, Any]:
+    """ONNX omits default attributes; the FX converter's nodes always carry them."""
+    dims = weight.dim() - 2
+    defaults: dict[str, Any] = {
+        "stride": [1] * dims,
+        "padding": [0] * dims,
+        "dilation": [1] * dims,
+        "groups": 1,
+        "output_padding": [0] * dims,
+        "kernel_size": list(weight.shape[2:]),
+    }
+    return defaults
 
 
 class _Converter:
@@ -374,10 +407,14 @@ class _Converter:
             op, outputs = "dropout", outputs[:1]
         elif op_type == "Pad" and attrs_raw.get("mode", "constant") != "constant":
             op = "pad_" + str(attrs_raw.get("mode"))  # reflect/edge padding: unclassified
+        elif op_type == "Pad" and self._pad_value(onnx_node, attrs_raw) != 0.0:
+            op = "add_const"  # padding with a non-zero constant adds an offset at the border
         else:
             attrs = _lists(attrs_raw, op)
             if op in _PARAM_INPUTS:
                 params = self._params(onnx_node, _PARAM_INPUTS[op])
+            if op in ("conv", "conv_transpose") and "weight" in params:
+                attrs = {**_conv_defaults(self.tensors[params["weight"]]), **attrs}
         if op == "max_pool" and len(outputs) > 1:
             outputs = outputs[:1]
         # Shape reads never count as consumers (as in the FX converter): they must not split chains.
@@ -386,6 +423,12 @@ class _Converter:
             inputs = list(dict.fromkeys(inputs))
         node = Node(name, op, inputs=inputs, params=params, attrs=attrs, source=source, scope=scope)
         self._add(node, outputs, activation=activation)
+
+    def _pad_value(self, onnx_node: Any, attrs: dict[str, Any]) -> float | None:
+        """The constant a Pad fills with (opset < 11: attribute; later: optional 3rd input)."""
+        if len(onnx_node.input) > 2 and onnx_node.input[2]:
+            return self._scalar(onnx_node.input[2])  # None when computed at run time
+        return float(attrs.get("value", 0.0))
 
     def _params(self, onnx_node: Any, positions: dict[int, str]) -> dict[str, str]:
         params = {}
@@ -518,6 +561,7 @@ def graph_from_onnx(model: Any, example_inputs: Sequence[Any] | None = None, see
             tensors[key] = torch.from_numpy(np.array(array, copy=True))
     onnx_model = OnnxModel(normalized, converter.encodings)
     graph = Graph(nodes, tensors, "onnx")
+    # Kept on the graph for writers of new initializers (balance); other front-ends have none.
     graph.onnx_model = onnx_model  # type: ignore[attr-defined]
     used = {key for node in nodes.values() for key in node.params.values()}
     graph.parameter_count = int(sum(tensors[key].numel() for key in used if key in tensors))
