@@ -6,6 +6,7 @@ import io
 import json
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -16,9 +17,20 @@ from rich.console import Console
 from rich.table import Table
 
 from ..audit import analyze
-from ..checks import FAIL, PASS, SKIP, CheckResult, load_baseline, read_config, rules_from_config, run_checks
+from ..checks import (
+    FAIL,
+    PASS,
+    SKIP,
+    CheckResult,
+    Rules,
+    load_baseline,
+    read_config,
+    rules_from_config,
+    run_checks,
+)
 from ..cli_support import console, error_console, handle_errors, write_atomic
 from ..errors import EXIT_INCONSISTENT, EXIT_OK, EXIT_RULE_FAILED, EXIT_USAGE, InputError, WssiError
+from ..loading import LoadedModel
 from .audit import ARCH, IMPORTS, INPUT_SHAPE, METHOD, SEED, TRUST_PICKLE, load_for_cli
 
 EXIT_CODES_HELP = (
@@ -171,7 +183,9 @@ def render_github(outcomes: list[ModelOutcome]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def check_models(models: list[Path], rules: Any, load: Any, method: str = "auto", seed: int = 0) -> list[ModelOutcome]:
+def check_models(
+    models: list[Path], rules: Rules, load: Callable[[Path], LoadedModel], method: str = "auto", seed: int = 0
+) -> list[ModelOutcome]:
     """Audit and check each model; an unreadable model becomes an error outcome, not an abort."""
     outcomes = []
     for path in models:
@@ -242,7 +256,7 @@ def register(app: typer.Typer) -> None:
         if rules.baseline:
             load_baseline(rules.baseline)  # a missing or broken baseline is a usage error, before any work
 
-        def load(path: Path) -> Any:
+        def load(path: Path) -> LoadedModel:
             return load_for_cli(path, arch, input_shape, trust_pickle, imports, seed)
 
         outcomes = check_models(models, rules, load, method, seed)
