@@ -346,3 +346,11 @@ def test_cuda_matches_cpu() -> None:
     assert reg.penalty().item() == pytest.approx(cpu_value, rel=1e-5)
     reg.add_gradients_()
     assert model.fc.weight.grad.is_cuda
+
+
+def test_frozen_layers_are_excluded() -> None:
+    model, x = _build("mlp", 0)
+    model[1].weight.requires_grad_(False)
+    reg = WeightScaleRegularizer(model, x)
+    assert not reg.coverage().covered
+    assert any("frozen" in e.reason for e in reg.coverage().excluded)

@@ -223,11 +223,11 @@ class WeightScaleRegularizer:
         def problem(layer: WeightLayer) -> str | None:
             if layer.name not in homogeneous:
                 return "not in a homogeneous chain or residual block (a 1-layer chain next to a barrier)"
-            if layer.bn is not None:
-                if layer.bn.weight not in params:
-                    return f"BatchNorm '{layer.bn.name}' gamma is not a trainable parameter of the module"
-            elif layer.weight not in params:
-                return "not a trainable parameter of the module"
+            carrier = layer.bn.weight if layer.bn is not None else layer.weight
+            if carrier not in params:
+                return f"'{carrier}' is not a parameter of the module"
+            if not params[carrier].requires_grad:
+                return f"'{carrier}' is frozen (requires_grad=False)"
             return None
 
         def exclude_chain(chain: Chain, reason: str) -> None:
