@@ -77,17 +77,23 @@ def flat_tensors(value: Any) -> list[torch.Tensor]:
 def make_module_runner(
     module: torch.nn.Module, example_inputs: Sequence[Any], dtype: torch.dtype = torch.float64
 ) -> Runner:
-    """A runner over a private copy of `module` in `dtype` (float64 for exact checks)."""
+    """A runner over a private copy of `module` in `dtype` (float64 for exact checks).
+
+    The copy is made on the first run, not here: an audit without verification never runs
+    the model, and copying a large model to float64 is a good part of a fast audit's time.
+    """
     import copy
 
     from torch.func import functional_call
 
-    model = copy.deepcopy(module).to(dtype).eval()
     inputs = tuple(x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in example_inputs)
+    copies: list[torch.nn.Module] = []
 
     def run(overrides: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        if not copies:
+            copies.append(copy.deepcopy(module).to(dtype).eval())
         with torch.no_grad():
-            out = functional_call(model, {k: v.to(dtype) for k, v in overrides.items()}, inputs, strict=False)
+            out = functional_call(copies[0], {k: v.to(dtype) for k, v in overrides.items()}, inputs, strict=False)
         return flat_tensors(out)
 
     return run

@@ -48,6 +48,12 @@ def _kernel_matrices(layer: WeightLayer, weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(groups, weight.shape[0] // groups, -1)
 
 
+# Below this many rows (or columns) a power iteration runs on the Gram matrix: one GEMM, then
+# cheap iterations on a small matrix that stays in cache, instead of 2 * iterations matrix-vector
+# passes over the whole weight (memory-bound). Same iterates up to rounding, so same results.
+GRAM_MAX_SIDE = 512
+
+
 def spectral_norms(matrices: list[torch.Tensor], iterations: int = 50, tol: float = 1e-7) -> list[float]:
     """Largest singular value of each (groups, m, n) stack, by batched power iteration.
 
@@ -63,22 +69,71 @@ def spectral_norms(matrices: list[torch.Tensor], iterations: int = 50, tol: floa
         stack = torch.cat([matrices[i] for i in indices])  # (sum groups, m, n)
         vector = torch.ones(stack.shape[0], cols, 1, dtype=stack.dtype)
         vector += 0.1 * torch.randn(vector.shape, generator=generator, dtype=stack.dtype)
-        previous = torch.zeros(stack.shape[0], dtype=stack.dtype)
-        sigma = previous
-        for _ in range(iterations):
-            vector = vector / vector.norm(dim=1, keepdim=True).clamp_min(1e-300)
-            image = torch.bmm(stack, vector)
-            sigma = image.norm(dim=(1, 2))
-            vector = torch.bmm(stack.transpose(1, 2), image)
-            if torch.all((sigma - previous).abs() <= tol * sigma.clamp_min(1e-300)):
-                break
-            previous = sigma
+        if min(rows, cols) <= GRAM_MAX_SIDE:
+            sigma = _power_iteration_gram(stack, vector, iterations, tol)
+        else:
+            sigma = _power_iteration(stack, vector, iterations, tol)
         offset = 0
         for i in indices:
             groups = matrices[i].shape[0]
             result[i] = float(sigma[offset : offset + groups].max())
             offset += groups
     return result
+
+
+def _converged(sigma: torch.Tensor, previous: torch.Tensor, tol: float) -> bool:
+    return bool(torch.all((sigma - previous).abs() <= tol * sigma.clamp_min(1e-300)))
+
+
+def _unit(vector: torch.Tensor) -> torch.Tensor:
+    return vector / vector.norm(dim=1, keepdim=True).clamp_min(1e-300)
+
+
+def _power_iteration(stack: torch.Tensor, vector: torch.Tensor, iterations: int, tol: float) -> torch.Tensor:
+    """sigma_k = ||A v_k|| with v_{k+1} = A^T A v_k / ||.||: two passes over A per step."""
+    previous = torch.zeros(stack.shape[0], dtype=stack.dtype)
+    sigma = previous
+    for _ in range(iterations):
+        vector = _unit(vector)
+        image = torch.bmm(stack, vector)
+        sigma = image.norm(dim=(1, 2))
+        vector = torch.bmm(stack.transpose(1, 2), image)
+        if _converged(sigma, previous, tol):
+            break
+        previous = sigma
+    return sigma
+
+
+def _power_iteration_gram(stack: torch.Tensor, vector: torch.Tensor, iterations: int, tol: float) -> torch.Tensor:
+    """The iterates of `_power_iteration`, computed on the smaller Gram matrix.
+
+    Column side (cols <= rows): G = A^T A, sigma_k = sqrt(v_k^T G v_k). Row side: track
+    u_k = A v_k with H = A A^T; ||v_{k+1}||^2 = u_k^T H u_k normalises the next u.
+    """
+    previous = torch.zeros(stack.shape[0], dtype=stack.dtype)
+    sigma = previous
+    vector = _unit(vector)
+    if stack.shape[2] <= stack.shape[1]:
+        gram = torch.bmm(stack.transpose(1, 2), stack)
+        for _ in range(iterations):
+            product = torch.bmm(gram, vector)
+            sigma = (vector * product).sum(dim=(1, 2)).clamp_min(0.0).sqrt()
+            if _converged(sigma, previous, tol):
+                break
+            previous = sigma
+            vector = _unit(product)
+        return sigma
+    gram = torch.bmm(stack, stack.transpose(1, 2))
+    image = torch.bmm(stack, vector)  # A v_0, ||v_0|| = 1
+    for _ in range(iterations):
+        sigma = image.norm(dim=(1, 2))
+        product = torch.bmm(gram, image)
+        if _converged(sigma, previous, tol):
+            break
+        previous = sigma
+        next_norm = (image * product).sum(dim=(1, 2)).clamp_min(1e-300).sqrt()
+        image = product / next_norm.view(-1, 1, 1)
+    return sigma
 
 
 def operator_factor(layer: WeightLayer, weight: torch.Tensor) -> float:

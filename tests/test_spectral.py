@@ -1,0 +1,39 @@
+"""The Gram-matrix power iteration (the fast path) gives the plain power iteration's results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wssi_audit.analysis import metrics
+from wssi_audit.analysis.metrics import spectral_norms
+
+
+def _stacks() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(1, 64, 576), (3, 7, 5), (2, 9, 4), (1, 1, 9), (4, 8, 8), (1, 40, 30), (1, 30, 40)]
+    stacks = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+    return [*stacks, torch.zeros(1, 4, 9, dtype=torch.float64)]
+
+
+def test_gram_path_matches_plain_power_iteration(monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = spectral_norms(_stacks())
+    monkeypatch.setattr(metrics, "GRAM_MAX_SIDE", 0)  # every stack through the plain iteration
+    plain = spectral_norms(_stacks())
+    assert fast == pytest.approx(plain, rel=1e-12, abs=1e-300)
+    assert fast[-1] == 0.0
+
+
+def test_power_iteration_converges_to_the_spectral_norm() -> None:
+    """Matrices with a clear top singular value: both paths agree with the SVD."""
+    generator = torch.Generator().manual_seed(1)
+    stacks = []
+    for rows, cols in ((50, 20), (20, 50)):
+        u, _ = torch.linalg.qr(torch.randn(rows, rows, generator=generator, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(cols, cols, generator=generator, dtype=torch.float64))
+        singular = torch.linspace(1.0, 0.1, min(rows, cols), dtype=torch.float64)
+        singular[0] = 3.0
+        middle = torch.zeros(rows, cols, dtype=torch.float64)
+        middle[range(len(singular)), range(len(singular))] = singular
+        stacks.append((u @ middle @ v.T).unsqueeze(0))
+    assert spectral_norms(stacks) == pytest.approx([3.0, 3.0], rel=1e-9)
