@@ -198,15 +198,12 @@ def _cpu_copy(trainable: _Trainable) -> Any:
 
 
 def _export(trainable: _Trainable) -> torch.export.ExportedProgram:
+    """Re-export the trained module (a CPU copy) with the original program's example inputs."""
     program = trainable.program
     args, kwargs = program.example_inputs if program.example_inputs else ((), {})
-    module = trainable.module
-    device = next(module.parameters()).device
-    args = tuple(a.to(device) if torch.is_tensor(a) else a for a in args)
-    exported = torch.export.export(module, args, kwargs or None)
-    if device.type != "cpu":
-        exported = exported.run_decompositions({})
-    return exported
+    module = copy.deepcopy(trainable.module).cpu()
+    args = tuple(a.cpu() if torch.is_tensor(a) else a for a in args)
+    return torch.export.export(module, args, kwargs or None)
 
 
 def _save_model(trainable: _Trainable, output: Path) -> None:
