@@ -56,11 +56,11 @@ def test_finetune_writes_model_metrics_and_never_touches_the_input(tmp_path: Pat
 
 def test_resume_after_a_crash_reaches_the_same_weights(tmp_path: Path, small_data: Path) -> None:
     model_path = _save_module(tmp_path, "cnn")  # has dropout: the RNG state must be restored too
-    common = {"data": small_data, "epochs": 3, "lr": 0.05, "batch_size": 32, "trust_pickle": True, "seed": 7}
+    common = {"data": small_data, "epochs": 3, "lr": 0.05, "batch_size": 64, "trust_pickle": True, "seed": 7}
     reference = run_finetune(model_path, output=tmp_path / "a" / "cnn.pt", **common)
 
     def crash(step: int) -> None:
-        if step == 12:  # inside the second epoch (8 steps per epoch)
+        if step == 6:  # inside the second epoch (4 steps per epoch)
             raise Interrupted("simulated crash")
 
     output = tmp_path / "b" / "cnn.pt"
@@ -106,10 +106,13 @@ def test_state_dict_and_safetensors_inputs_keep_their_format(tmp_path: Path, sma
     torch.save(model.state_dict(), state_path)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(safe_path))
     arch = "wssi_audit.models:resnet_bn"
-    out = run_finetune(state_path, data=small_data, epochs=1, batch_size=64, arch=arch, form="balanced")
+    tiny = tmp_path / "tiny.pt"
+    data = torch.load(small_data, weights_only=True)
+    torch.save({"x": data["x"][:80], "y": data["y"][:80]}, tiny)
+    out = run_finetune(state_path, data=tiny, epochs=1, batch_size=32, arch=arch, form="balanced")
     assert out.output == tmp_path / "r.finetuned.pt"
     assert set(torch.load(out.output, weights_only=True)) == set(model.state_dict())
-    out = run_finetune(safe_path, data=small_data, epochs=1, arch=arch, output=tmp_path / "s.safetensors")
+    out = run_finetune(safe_path, data=tiny, epochs=1, batch_size=32, arch=arch, output=tmp_path / "s.safetensors")
     assert set(load_file(str(out.output))) == set(model.state_dict())
 
 
@@ -184,3 +187,40 @@ def test_cli_finetune(tmp_path: Path, small_data: Path) -> None:
     result = runner.invoke(app, ["finetune", str(model_path), "--data", str(tmp_path / "nope"), "--trust-pickle"])
     assert result.exit_code == 2
     assert "no such data" in result.output and "Traceback" not in result.output
+
+
+def test_resume_after_the_process_is_killed(tmp_path: Path, small_data: Path) -> None:
+    """A real crash: SIGKILL the CLI once its first checkpoint exists, then `--resume`."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from wssi_audit.cli import app
+
+    model_path = _save_module(tmp_path, "cnn")
+    options = ["--data", str(small_data), "--epochs", "3", "--batch-size", "64", "--lr", "0.05", "--seed", "3",
+               "--trust-pickle"]
+    reference = run_finetune(model_path, data=small_data, epochs=3, batch_size=64, lr=0.05, seed=3, trust_pickle=True,
+                             output=tmp_path / "ref" / "m.pt")
+    output = tmp_path / "killed" / "m.pt"
+    checkpoint = output.with_name("m.pt.ckpt")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "wssi_audit", "finetune", str(model_path), *options, "-o", str(output)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists()
+    result = CliRunner().invoke(app, ["finetune", str(model_path), *options, "-o", str(output), "--resume"])
+    assert result.exit_code == 0, result.output
+    first = torch.load(reference.output, weights_only=False).state_dict()
+    second = torch.load(output, weights_only=False).state_dict()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
