@@ -354,3 +354,17 @@ def test_frozen_layers_are_excluded() -> None:
     reg = WeightScaleRegularizer(model, x)
     assert not reg.coverage().covered
     assert any("frozen" in e.reason for e in reg.coverage().excluded)
+
+
+@pytest.mark.parametrize("name", ["resnet_nobn", "resnet_bn"])
+@pytest.mark.parametrize("form", FORMS)
+def test_no_update_along_shifts_inside_residual_branches(name: str, form: str) -> None:
+    """Inside every branch, <dJ/dcarrier, carrier> (weight, or BN gamma) is the same for both layers."""
+    model, x = _build(name, 4)
+    reg = WeightScaleRegularizer(model, x, strength=0.1, form=form)
+    reg.add_gradients_()
+    for block in model.layers:
+        carriers = [block.conv1, block.conv2] if name == "resnet_nobn" else [block.bn1, block.bn2]
+        energies = [float((m.weight.grad * m.weight.detach()).sum()) for m in carriers]
+        assert energies[0] == pytest.approx(energies[1], rel=1e-9)
+        assert energies[0] > 0
