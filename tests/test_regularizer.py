@@ -368,3 +368,14 @@ def test_no_update_along_shifts_inside_residual_branches(name: str, form: str) -
         energies = [float((m.weight.grad * m.weight.detach()).sum()) for m in carriers]
         assert energies[0] == pytest.approx(energies[1], rel=1e-9)
         assert energies[0] > 0
+
+
+def test_attach_only_touches_parameters_the_optimizer_updates() -> None:
+    model, x = _build("mlp", 0)
+    head = model[-1]
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    attach(model, optimizer, strength=0.1, example_inputs=x, bias_strength=0.1)
+    optimizer.step()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    others = [m for m in model if isinstance(m, nn.Linear) and m is not head]
+    assert all(m.weight.grad is None and m.bias.grad is None for m in others)

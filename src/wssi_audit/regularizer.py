@@ -203,6 +203,8 @@ class WeightScaleRegularizer:
         self.min_norm = float(min_norm)
         self._build(analysis.structure)
         self._index_cache: dict[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
+        self._grad_filter: tuple[list[int], list[int]] | None = None
+        self._grad_ids: set[int] | None = None
 
     @classmethod
     def from_analysis(cls, analysis: Analysis, model: nn.Module, **kwargs: Any) -> WeightScaleRegularizer:
@@ -388,6 +390,21 @@ class WeightScaleRegularizer:
             seen.setdefault(id(p), p)
         return list(seen.values())
 
+    def restrict_gradients_to(self, params: Sequence[torch.Tensor] | None) -> None:
+        """`add_gradients_` then only touches these parameters (e.g. those an optimizer updates, so that
+        gradients never pile up on parameters nobody zeroes); None lifts the restriction."""
+        if params is None:
+            self._grad_filter, self._grad_ids = None, None
+            return
+        ids = {id(p) for p in params}
+        plain = [i for i, w in enumerate(self._plain_weights) if id(w) in ids]
+        folded = [k for k, g in enumerate(self._gammas) if id(g) in ids]
+        if len(plain) == len(self._plain_weights) and len(folded) == len(self._gammas):
+            self._grad_filter = None
+        else:
+            self._grad_filter = (plain, folded)
+        self._grad_ids = ids
+
     def __repr__(self) -> str:
         return str(self.coverage())
 
@@ -563,25 +580,29 @@ class WeightScaleRegularizer:
             share = torch.where(is_block, torch.where(is_branch, branch_share, 1.0 - branch_share), 1.0)
             clamped = norms < self.min_norm
             coef = torch.where(clamped, 0.0, d_term[term] * share / norms.clamp_min(self.min_norm).square())
+            keep_plain, keep_folded = self._grad_filter or (None, None)
             if self._plain:
-                plain_coef = coef[index["plain"]]
-                grads = _grads_of(self._plain_weights)
-                factors = list(plain_coef.unbind())
-                if any(w.dtype != plain_coef.dtype or w.device != plain_coef.device for w in self._plain_weights):
-                    factors = [c.to(w.device, w.dtype) for c, w in zip(factors, self._plain_weights)]
-                scaled = torch._foreach_mul(self._plain_weights, factors)
-                torch._foreach_add_(grads, scaled)
+                weights = self._plain_weights
+                factors = list(coef[index["plain"]].unbind())
+                if keep_plain is not None:
+                    weights, factors = [weights[i] for i in keep_plain], [factors[i] for i in keep_plain]
+                if any(w.dtype != coef.dtype or w.device != coef.device for w in weights):
+                    factors = [c.to(w.device, w.dtype) for c, w in zip(factors, weights)]
+                if weights:
+                    torch._foreach_add_(_grads_of(weights), torch._foreach_mul(weights, factors))
             if self._folded:
                 per_channel = coef[index["folded"]][index["channel_unit"]] * parts["a"].square() * parts["rows2"]
-                step = per_channel * parts["gamma"]
-                grads = _grads_of(self._gammas)
-                torch._foreach_add_(grads, _split_like(step, self._gammas))
+                gammas, pieces = self._gammas, _split_like(per_channel * parts["gamma"], self._gammas)
+                if keep_folded is not None:
+                    gammas, pieces = [gammas[k] for k in keep_folded], [pieces[k] for k in keep_folded]
+                if gammas:
+                    torch._foreach_add_(_grads_of(gammas), pieces)
         if self.direction_strength > 0 or self.bias_strength > 0:
             self._add_extra_gradients()
 
     def _add_extra_gradients(self) -> None:
         inputs = [*self._plain_weights, *self._gammas, *self._plain_biases, *self._folded_betas]
-        unique = list({id(p): p for p in inputs}.values())
+        unique = [p for p in {id(p): p for p in inputs}.values() if p.requires_grad]
         with torch.enable_grad(), self._autocast_off():
             index, parts, norms, logn = self._state()
             extra = self._extra(index, parts, norms, logn)
@@ -590,7 +611,7 @@ class WeightScaleRegularizer:
             grads = torch.autograd.grad(extra, unique, allow_unused=True)
         with torch.no_grad():
             for p, g in zip(unique, grads):
-                if g is None:
+                if g is None or (self._grad_ids is not None and id(p) not in self._grad_ids):
                     continue
                 if p.grad is None:
                     p.grad = g.to(p.dtype)
@@ -659,6 +680,8 @@ def attach(
     adds param groups). Gradient clipping done before `step()` does not see the penalty's gradient.
     """
     reg = regularizer or WeightScaleRegularizer(model, example_inputs, strength=strength, form=form, **options)
+    # Only parameters this optimizer updates (and zeroes) receive the penalty's gradient.
+    reg.restrict_gradients_to([p for group in optimizer.param_groups for p in group["params"]])
     covered = {id(p) for p in reg.covered_parameters()}
     moved: list[tuple[dict[str, Any], list[Any], dict[str, Any]]] = []
     for group in list(optimizer.param_groups):
