@@ -89,15 +89,23 @@ def _unit(vector: torch.Tensor) -> torch.Tensor:
     return vector / vector.norm(dim=1, keepdim=True).clamp_min(1e-300)
 
 
+def _matmul(stack: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """torch.bmm, but one BLAS call per matrix when the matrices are large: on CPU a batched
+    matrix-vector bmm is up to 10x slower than a loop over the batch (seen with torch 2.14)."""
+    if stack.shape[0] == 1 or stack.shape[1] * stack.shape[2] < 16384:
+        return torch.bmm(stack, vectors)
+    return torch.stack([matrix @ vector for matrix, vector in zip(stack, vectors)])
+
+
 def _power_iteration(stack: torch.Tensor, vector: torch.Tensor, iterations: int, tol: float) -> torch.Tensor:
     """sigma_k = ||A v_k|| with v_{k+1} = A^T A v_k / ||.||: two passes over A per step."""
     previous = torch.zeros(stack.shape[0], dtype=stack.dtype)
     sigma = previous
     for _ in range(iterations):
         vector = _unit(vector)
-        image = torch.bmm(stack, vector)
+        image = _matmul(stack, vector)
         sigma = image.norm(dim=(1, 2))
-        vector = torch.bmm(stack.transpose(1, 2), image)
+        vector = _matmul(stack.transpose(1, 2), image)
         if _converged(sigma, previous, tol):
             break
         previous = sigma
@@ -116,7 +124,7 @@ def _power_iteration_gram(stack: torch.Tensor, vector: torch.Tensor, iterations:
     if stack.shape[2] <= stack.shape[1]:
         gram = torch.bmm(stack.transpose(1, 2), stack)
         for _ in range(iterations):
-            product = torch.bmm(gram, vector)
+            product = _matmul(gram, vector)
             sigma = (vector * product).sum(dim=(1, 2)).clamp_min(0.0).sqrt()
             if _converged(sigma, previous, tol):
                 break
@@ -124,10 +132,10 @@ def _power_iteration_gram(stack: torch.Tensor, vector: torch.Tensor, iterations:
             vector = _unit(product)
         return sigma
     gram = torch.bmm(stack, stack.transpose(1, 2))
-    image = torch.bmm(stack, vector)  # A v_0, ||v_0|| = 1
+    image = _matmul(stack, vector)  # A v_0, ||v_0|| = 1
     for _ in range(iterations):
         sigma = image.norm(dim=(1, 2))
-        product = torch.bmm(gram, image)
+        product = _matmul(gram, image)
         if _converged(sigma, previous, tol):
             break
         previous = sigma
