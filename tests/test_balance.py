@@ -3,6 +3,7 @@ and `wssi-audit export --onnx` checked against the torch model in onnxruntime.""
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -54,9 +55,23 @@ def test_balance_module(name: str) -> None:
     assert after.summary.max_imbalance_decades < 1e-6  # the written model holds float32 tensors
     assert result.max_imbalance_after < 1e-9
     assert result.check_dtype == "float64" and result.max_relative_error < 1e-9
+    # Chains inside residual branches keep their intrinsic norms; stem and head trade +-log10 a.
+    branch_chains = {block.chain for block in before.residual_blocks}
     for old, new in zip(before.chains, after.chains):
-        assert math.isclose(old.log10_intrinsic_norm, new.log10_intrinsic_norm, abs_tol=1e-6)
+        if name == "mlp" or old.id in branch_chains:
+            assert math.isclose(old.log10_intrinsic_norm, new.log10_intrinsic_norm, abs_tol=1e-6)
     assert math.isclose(result.log10_intrinsic_before, result.log10_intrinsic_after, abs_tol=1e-9)
+    assert math.isclose(
+        before.summary.log10_input_gradient_bound, after.summary.log10_input_gradient_bound, abs_tol=1e-6
+    )
+    assert result.residual_stream is (name != "mlp")
+    if result.residual_stream:
+        # Stem and head at one common norm: the weight-decay penalty is lower than in-chain balancing alone.
+        chains_only = balance(model, (x,), residual_stream=False)
+        assert not chains_only.residual_stream
+        assert result.weight_decay_after < chains_only.weight_decay_after
+        stem, head = after.layers[0], after.layers[-1]
+        assert math.isclose(stem.log10_frobenius, head.log10_frobenius, abs_tol=1e-6)
     assert result.weight_decay_after <= result.weight_decay_before + 1e-9
     with torch.no_grad():  # the written model holds float32 weights: float32 rounding only
         reference = model(x)
@@ -178,3 +193,27 @@ def test_save_balanced_safetensors(tmp_path: Path) -> None:
     save_balanced(result, tmp_path / "b.safetensors")
     state = load_file(str(tmp_path / "b.safetensors"))
     assert torch.equal(state["1.weight"], result.model.state_dict()["1.weight"])
+
+
+def test_shift_layers_with_stream_scales() -> None:
+    """A chain whose input is scaled by a and whose output must be scaled by b (shared code)."""
+    from wssi_audit.analysis.structure import find_structure
+    from wssi_audit.analysis.weights import shift_layers
+    from wssi_audit.frontends import build_graph
+
+    model = _model("mlp", spread=0.0).double()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    graph = build_graph(model, (x,))
+    chain = find_structure(graph).chains[0]
+    log_in, log_out = 0.7, -0.4
+    factors = [0.3, -0.2, 0.1, (log_out - log_in) - 0.2]
+    overrides = shift_layers(chain.layers, factors, graph.tensors, log10_input_scale=log_in, log10_output_scale=log_out)
+    shifted = copy.deepcopy(model)
+    shifted.load_state_dict({**model.state_dict(), **overrides})
+    with torch.no_grad():
+        assert torch.allclose(shifted(x * 10**log_in), model(x) * 10**log_out, rtol=1e-12, atol=1e-12)
+    # The defaults are the plain shift (output unchanged).
+    plain = shift_layers(chain.layers, [0.5, -0.5, 0.25, -0.25], graph.tensors)
+    shifted.load_state_dict({**model.state_dict(), **plain})
+    with torch.no_grad():
+        assert torch.allclose(shifted(x), model(x), rtol=1e-12, atol=1e-12)

@@ -4,9 +4,16 @@ For a chain with layer norms ||W_l||, the shift g_l with log10 g_l = mean_k log1
 (prod g_l = 1) makes every layer norm equal to the geometric mean, keeps the intrinsic norm
 prod ||W_l|| and the network's function, and minimizes weight decay's penalty sum ||W_l||^2 over the
 chain's shift orbit (AM-GM, science.md s.3). Biases and folded BatchNorm are handled by
-`shift_layers`. Residual blocks: each branch is a chain of its own and is balanced inside; the
-residual-stream scale (stem and head against every block) is NOT changed: it would need a shift
-across blocks that the structure analysis does not model, so it is left as it is.
+`shift_layers`.
+
+Residual networks: each branch is a chain of its own and is balanced inside. The residual stream
+(the tensors the blocks add into) has one more scale symmetry: scale the stem chain's output by a,
+every block branch and projection shortcut by a through their biases only (their input is already
+a times larger), and divide the head chain that reads the stream by a. When the graph has that
+shape (a stem chain, blocks, head chains reading the stream, nothing else touching it), `balance`
+also picks a so that the stem and head layers reach one common norm (minimum sum ||W||^2), and keeps
+it only if the outputs are unchanged on the example input. Per-chain intrinsic norms of the stem and
+head then move by +-log10 a; their sum and the residual input-gradient bound do not.
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ from typing import Any
 import torch
 
 from .analysis.metrics import chain_metrics, layer_norms
+from .analysis.structure import Chain
 from .analysis.verify import TOLERANCE, relative_error
 from .analysis.weights import shift_layers
 from .audit import Analysis, analyze
 from .errors import AnalysisInconsistency, InputError
+from .ops import Role, spec_of
 
 
 @dataclass
@@ -44,6 +53,7 @@ class BalanceResult:
     max_relative_error: float  # output change on the example input
     check_dtype: str  # dtype the outputs were compared in
     chains_balanced: int = 0
+    residual_stream: bool = False  # the residual-stream scale was balanced too
     notes: list[str] = field(default_factory=list)
 
 
@@ -57,27 +67,139 @@ def _summary(analysis: Analysis, tensors: Mapping[str, torch.Tensor]) -> tuple[f
     return decay, intrinsic, max(imbalances, default=0.0)
 
 
-def balance_factors(analysis: Analysis) -> tuple[dict[str, torch.Tensor], dict[str, float], int, list[str]]:
-    """The overrides realising the balancing shift of every chain of 2+ layers."""
-    tensors = analysis.graph.tensors
-    norms = layer_norms(analysis.structure.layers, tensors, spectral=False)
-    overrides: dict[str, torch.Tensor] = {}
-    factors: dict[str, float] = {}
+def chain_factors(analysis: Analysis) -> tuple[dict[int, list[float]], list[str]]:
+    """log10 g_l that equalize the layer norms of every chain of 2+ layers (chain id -> factors)."""
+    norms = layer_norms(analysis.structure.layers, analysis.graph.tensors, spectral=False)
+    factors: dict[int, list[float]] = {}
     notes: list[str] = []
-    balanced = 0
     for chain in analysis.structure.chains:
-        if len(chain.layers) < 2:
-            continue
         logs = [norms[layer.name].log10_frobenius for layer in chain.layers]
-        if not all(math.isfinite(v) for v in logs):
+        if len(chain.layers) > 1 and not all(math.isfinite(v) for v in logs):
             notes.append(f"chain {chain.id} has an all-zero layer: left as it is")
+        elif len(chain.layers) > 1:
+            mean = sum(logs) / len(logs)
+            factors[chain.id] = [mean - v for v in logs]
+    return factors, notes
+
+
+@dataclass
+class StreamPlan:
+    """How each chain meets the residual stream: log10 scale of its input and of its output."""
+
+    scales: dict[int, tuple[int, int]]  # chain id -> (input in units of a, output in units of a): 0 or 1
+    stem: Chain
+    heads: list[Chain]
+
+
+def stream_plan(analysis: Analysis) -> StreamPlan | None:
+    """The residual-stream symmetry of the graph, when it has the simple shape (module doc)."""
+    structure, graph = analysis.structure, analysis.graph
+    if not structure.blocks:
+        return None
+    chain_of = {layer.node: chain for chain in structure.chains for layer in chain.layers}
+    out_to_layer = {layer.out: layer for layer in structure.layers}
+    through: dict[str, Chain] = {}  # first layer node -> chain that passes the stream on
+    for block in structure.blocks:
+        through[block.branch.layers[0].node] = block.branch
+        if block.projection is not None:
+            through[block.projection.node] = chain_of[block.projection.node]
+    # The stem: the weight layer whose output reaches the first block's fork through unary ops.
+    current = structure.blocks[0].fork
+    while current not in out_to_layer:
+        node = graph.nodes[current]
+        spec = spec_of(node.op)
+        if spec is None or spec.role is not Role.HOMOGENEOUS or len(node.inputs) != 1:
+            return None
+        current = node.inputs[0]
+    stem = chain_of[out_to_layer[current].node]
+    if stem.layers[-1].out != current or stem.layers[0].node in through:
+        return None
+    scales: dict[int, tuple[int, int]] = {stem.id: (0, 1)}
+    heads: list[Chain] = []
+    region: set[str] = set()
+    joins: set[str] = set()
+    frontier = [current]
+    while frontier:
+        name = frontier.pop()
+        if name in region:
             continue
-        mean = sum(logs) / len(logs)
-        shifts = [mean - v for v in logs]
-        overrides.update(shift_layers(chain.layers, shifts, tensors))
-        factors.update({layer.name: s for layer, s in zip(chain.layers, shifts)})
-        balanced += 1
-    return overrides, factors, balanced, notes
+        region.add(name)
+        for reader in structure.consumers[name]:
+            node = graph.nodes[reader]
+            if reader in through:
+                chain = through[reader]
+                scales[chain.id] = (1, 1)
+                frontier.append(chain.layers[-1].out)
+            elif reader in chain_of:
+                chain = chain_of[reader]
+                if chain.layers[0].node != reader or chain.id in scales:
+                    return None
+                scales[chain.id] = (1, 0)
+                heads.append(chain)
+            else:
+                spec = spec_of(node.op)
+                if spec is None or spec.role not in (Role.HOMOGENEOUS, Role.JOIN) or node.op == "split":
+                    return None  # the stream meets a barrier, an unknown op or the output
+                if spec.role is Role.JOIN:
+                    joins.add(reader)
+                elif len(node.inputs) != 1:
+                    return None
+                frontier.append(reader)
+    if not heads or any(i not in region for j in joins for i in graph.nodes[j].inputs):
+        return None
+    return StreamPlan(scales, stem, heads)
+
+
+def _stream_log10_scale(plan: StreamPlan, analysis: Analysis, factors: dict[int, list[float]]) -> float:
+    """log10 a minimizing sum ||W||^2 over the stem and head layers (after in-chain balancing)."""
+    norms = layer_norms(analysis.structure.layers, analysis.graph.tensors, spectral=False)
+
+    def levels(chain: Chain) -> list[float]:
+        own = factors.get(chain.id, [0.0] * len(chain.layers))
+        return [norms[layer.name].log10_frobenius + f for layer, f in zip(chain.layers, own)]
+
+    groups = [(levels(plan.stem), 1.0 / len(plan.stem.layers))]
+    groups += [(levels(head), -1.0 / len(head.layers)) for head in plan.heads]
+
+    def penalty(alpha: float) -> float:  # convex in alpha
+        return sum(10.0 ** (2 * (v + step * alpha)) for values, step in groups for v in values)
+
+    low, high = -30.0, 30.0
+    for _ in range(200):
+        a, b = low + (high - low) / 3, high - (high - low) / 3
+        if penalty(a) <= penalty(b):
+            high = b
+        else:
+            low = a
+    return (low + high) / 2
+
+
+def balance_overrides(
+    analysis: Analysis, factors: dict[int, list[float]], plan: StreamPlan | None, log10_a: float
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Tensors of the combined shift: in-chain factors plus the stream scale a (when a plan)."""
+    tensors = analysis.graph.tensors
+    overrides: dict[str, torch.Tensor] = {}
+    per_layer: dict[str, float] = {}
+    for chain in analysis.structure.chains:
+        own = list(factors.get(chain.id, [0.0] * len(chain.layers)))
+        scale_in, scale_out = plan.scales.get(chain.id, (0, 0)) if plan else (0, 0)
+        if scale_in == scale_out == 0 and chain.id not in factors:
+            continue
+        # The chain's own factors must add up to (out - in) * log10 a: spread that evenly.
+        spread = (scale_out - scale_in) * log10_a / len(chain.layers)
+        own = [f + spread for f in own]
+        overrides.update(
+            shift_layers(
+                chain.layers,
+                own,
+                tensors,
+                log10_input_scale=scale_in * log10_a,
+                log10_output_scale=scale_out * log10_a,
+            )
+        )
+        per_layer.update({layer.name: f for layer, f in zip(chain.layers, own)})
+    return overrides, per_layer
 
 
 def balance(
@@ -86,6 +208,7 @@ def balance(
     *,
     method: str = "auto",
     seed: int = 0,
+    residual_stream: bool = True,
 ) -> BalanceResult:
     """Balance every chain of `model` (nn.Module, ExportedProgram, onnx.ModelProto, a path or a
     `LoadedModel`) and check on an example input that the outputs did not change."""
@@ -100,20 +223,34 @@ def balance(
         raise AnalysisInconsistency(f"chains {ids} failed the scale-shift self-check: refusing to rebalance")
     if graph.runner is None:
         raise InputError("rebalancing needs an example input to check the outputs: give --input-shape")
-    overrides, factors, balanced, notes = balance_factors(analysis)
+    factors, notes = chain_factors(analysis)
+    tolerance = TOLERANCE.get(graph.runner_dtype, 1e-3)
+    reference = graph.runner({})
+    plan = stream_plan(analysis) if residual_stream else None
+    overrides: dict[str, torch.Tensor] = {}
+    if plan is not None:
+        log10_a = _stream_log10_scale(plan, analysis, factors)
+        overrides, per_layer = balance_overrides(analysis, factors, plan, log10_a)
+        error = relative_error(reference, graph.runner(overrides))
+        if error <= tolerance:
+            notes.append(f"residual stream rescaled by 10^{log10_a:+.3f} (stem and head balanced against each other)")
+        else:
+            notes.append(f"residual-stream rescaling changed the outputs ({error:.1e}): not applied")
+            plan, overrides = None, {}
+    if plan is None:
+        overrides, per_layer = balance_overrides(analysis, factors, None, 0.0)
+        error = relative_error(reference, graph.runner(overrides)) if overrides else 0.0
+    if error > tolerance:
+        raise AnalysisInconsistency(f"rebalancing changed the outputs by {error:.2e} (tolerance {tolerance:g})")
     shifted = {**graph.tensors, **overrides}
     decay_before, intrinsic_before, imbalance_before = _summary(analysis, graph.tensors)
     decay_after, intrinsic_after, imbalance_after = _summary(analysis, shifted)
-    error = relative_error(graph.runner({}), graph.runner(overrides)) if overrides else 0.0
-    tolerance = TOLERANCE.get(graph.runner_dtype, 1e-3)
-    if error > tolerance:
-        raise AnalysisInconsistency(f"rebalancing changed the outputs by {error:.2e} (tolerance {tolerance:g})")
     original, fmt = _original(model)
     return BalanceResult(
         model=apply_overrides(original, overrides, graph),
         format=fmt,
         overrides=overrides,
-        log10_factors=factors,
+        log10_factors=per_layer,
         weight_decay_before=decay_before,
         weight_decay_after=decay_after,
         log10_intrinsic_before=intrinsic_before,
@@ -122,7 +259,8 @@ def balance(
         max_imbalance_after=imbalance_after,
         max_relative_error=error,
         check_dtype=str(graph.runner_dtype).replace("torch.", ""),
-        chains_balanced=balanced,
+        chains_balanced=len(factors),
+        residual_stream=plan is not None,
         notes=notes,
     )
 

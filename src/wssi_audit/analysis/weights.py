@@ -50,20 +50,32 @@ def effective_weight(layer: WeightLayer, tensors: Tensors) -> tuple[torch.Tensor
     return _scale_out_channels(layer, weight, scale), scale * (conv_bias - mean) + beta
 
 
-def shift_layers(layers: list[WeightLayer], log10_factors: list[float], tensors: Tensors) -> dict[str, torch.Tensor]:
+def shift_layers(
+    layers: list[WeightLayer],
+    log10_factors: list[float],
+    tensors: Tensors,
+    *,
+    log10_input_scale: float = 0.0,
+    log10_output_scale: float = 0.0,
+) -> dict[str, torch.Tensor]:
     """Tensors realising the weight scale shift W_l -> g_l W_l, b_l -> c_l b_l (science.md s.1).
 
     `log10_factors` must sum to zero (prod g_l = 1); the cumulative factor of the last layer
     is set to exactly 1. Folded layers are shifted through their BatchNorm's gamma and beta,
     so the real module computes the shifted effective map. Returns state_dict key -> float64
     tensor (cast before writing into a model).
+
+    For a chain whose input is already scaled by 10^in and whose output must come out scaled
+    by 10^out (rebalancing a residual stream), pass `log10_input_scale` / `log10_output_scale`:
+    then c_l = 10^(in + sum_{k<=l} log g_k), the factors must sum to out - in, and the last
+    layer's c is exactly 10^out.
     """
     overrides: dict[str, torch.Tensor] = {}
-    cumulative = 0.0
+    cumulative = log10_input_scale
     for index, (layer, log_g) in enumerate(zip(layers, log10_factors)):
         cumulative += log_g
         g = 10.0**log_g
-        c = 1.0 if index == len(layers) - 1 else 10.0**cumulative
+        c = 10.0**log10_output_scale if index == len(layers) - 1 else 10.0**cumulative
         if layer.bn is None:
             overrides[layer.weight] = tensors[layer.weight].double() * g
             if layer.bias:

@@ -25,11 +25,18 @@ def register(app: typer.Typer) -> None:
         imports: list[str] = IMPORTS,
         method: str = METHOD,
         seed: int = SEED,
+        residual_stream: bool = typer.Option(
+            True,
+            "--residual-stream/--no-residual-stream",
+            help="Also balance the residual stream's scale (stem against head), when the graph allows it.",
+        ),
     ) -> None:
         """Equalize the layer norms inside every homogeneous chain without changing the function.
 
         The balanced model has the smallest weight-decay penalty sum ||W||^2 on its shift orbit;
-        the intrinsic norm (product of the layer norms) stays the same. Written in the input's
+        the intrinsic norm (product of the layer norms) stays the same. In residual networks the
+        scale of the residual stream is balanced too (stem against head), unless
+        --no-residual-stream. Written in the input's
         format (.pt2, state dict, safetensors, pickled module, ONNX), after checking on an
         example input that the outputs did not change.
         """
@@ -38,7 +45,7 @@ def register(app: typer.Typer) -> None:
         if output.exists() and output.resolve() == model.resolve():
             raise InputError("--output must differ from the input model: the input is never modified")
         loaded = load_for_cli(model, arch, input_shape, trust_pickle, imports, seed)
-        result = balance(loaded, method=method, seed=seed)
+        result = balance(loaded, method=method, seed=seed, residual_stream=residual_stream)
         written = save_balanced(result, output)
 
         table = Table(title=f"rebalanced {model.name}: {result.chains_balanced} chain(s)")
