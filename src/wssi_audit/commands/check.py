@@ -89,7 +89,7 @@ def render_table(outcomes: list[ModelOutcome], out: Console) -> None:
     table = Table(title="wssi-audit check", show_lines=False)
     for column in ("model", "rule", "status", "value", "threshold", "detail"):
         table.add_column(column, overflow="fold")
-    styles = {PASS: "green", FAIL: "bold red", SKIP: "yellow", "error": "bold red"}
+    styles = {PASS: "green", FAIL: "bold red", SKIP: "yellow"}
     for outcome in outcomes:
         name = Path(outcome.source).name
         if outcome.error is not None:
@@ -112,7 +112,7 @@ def render_table(outcomes: list[ModelOutcome], out: Console) -> None:
 def _outcome_document(outcome: ModelOutcome) -> dict[str, Any]:
     checks = [r.to_dict() for r in outcome.results]
     if outcome.error is not None:
-        return {"model": {"source": outcome.source}, "error": outcome.error, "checks": checks, "exit_code": 2}
+        return {"model": {"source": outcome.source}, "error": outcome.error, "checks": checks, "exit_code": EXIT_USAGE}
     return {**(outcome.document or {}), "checks": checks, "exit_code": outcome.exit_code}
 
 

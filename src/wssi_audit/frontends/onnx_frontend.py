@@ -390,7 +390,7 @@ class _Converter:
         if op_type == "Gemm":
             op, params, attrs = self._gemm(onnx_node, attrs_raw)
         elif op_type == "MatMul":
-            op, params, attrs = self._matmul(index, onnx_node, outputs)
+            op, params, attrs = self._matmul(onnx_node, outputs)
         elif op_type in ("Add", "Sub", "Mul", "Div"):
             op, params, attrs = self._arith(op_type.lower(), onnx_node)
         elif op_type == "BatchNormalization":
@@ -450,7 +450,7 @@ class _Converter:
             return "matmul", {}, {}  # bias computed at run time
         return "linear", params, {}
 
-    def _matmul(self, index: int, onnx_node: Any, outputs: list[str]) -> tuple[str, dict[str, str], dict[str, Any]]:
+    def _matmul(self, onnx_node: Any, outputs: list[str]) -> tuple[str, dict[str, str], dict[str, Any]]:
         a, b = onnx_node.input[0], onnx_node.input[1]
         if b not in self.arrays or not self._is_act(a) or self.arrays[b].ndim != 2:
             return "matmul", {}, {}
