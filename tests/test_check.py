@@ -65,9 +65,12 @@ def test_config_and_overrides(tmp_path: Path) -> None:
     pyproject.write_text("[tool.wssi-audit]\nmax-imbalance = 0.5\nrequire-verified = true\n")
     rules = rules_from_config(read_config(pyproject), {"max_imbalance": 2.0, "min_coverage": None})
     assert rules.max_imbalance == 2.0 and rules.require_verified and rules.min_coverage is None
-    dedicated = tmp_path / "wssi.toml"
-    dedicated.write_text("min-coverage = 0.9\n")
-    assert rules_from_config(read_config(dedicated)).min_coverage == 0.9
+    dedicated = tmp_path / "ci" / "wssi.toml"
+    dedicated.parent.mkdir()
+    dedicated.write_text('min-coverage = 0.9\nbaseline = "baseline.json"\n')
+    rules = rules_from_config(read_config(dedicated))
+    assert rules.min_coverage == 0.9
+    assert rules.baseline == str(tmp_path / "ci" / "baseline.json")  # relative to the config file
     with pytest.raises(InputError, match="unknown key"):
         rules_from_config({"max-imbalence": 1})
     with pytest.raises(InputError, match="must be a number"):

@@ -182,7 +182,8 @@ def load_baseline(path: str | Path, doc: Mapping[str, Any] | None = None) -> Map
 
 def read_config(path: str | Path | None = None) -> dict[str, Any]:
     """The ``[tool.wssi-audit]`` table of `path` (default ./pyproject.toml, optional). A given file
-    without that table is read as a whole (a dedicated wssi-audit.toml)."""
+    without that table is read as a whole (a dedicated wssi-audit.toml). A relative `baseline`
+    is relative to the config file, so CI can run from any directory."""
     explicit = path is not None
     path = Path(path) if path is not None else Path("pyproject.toml")
     if not path.exists():
@@ -195,9 +196,11 @@ def read_config(path: str | Path | None = None) -> dict[str, Any]:
         raise InputError(f"cannot read config {path}: {type(error).__name__}: {error}"[:300]) from None
     table = data.get("tool", {}).get("wssi-audit")
     if table is None:
-        return {k: v for k, v in data.items() if k != "tool"} if explicit and path.name != "pyproject.toml" else {}
+        table = {k: v for k, v in data.items() if k != "tool"} if explicit and path.name != "pyproject.toml" else {}
     if not isinstance(table, dict):
         raise InputError(f"[tool.wssi-audit] in {path} must be a table")
+    if isinstance(table.get("baseline"), str) and not Path(table["baseline"]).is_absolute():
+        table = {**table, "baseline": str(path.parent / table["baseline"])}  # relative to the config file
     return table
 
 
