@@ -1,10 +1,15 @@
-"""The Gram-matrix power iteration (the fast path) gives the plain power iteration's results."""
+"""The fast paths of the audit give the results of the slow ones.
+
+Spectral norms by power iteration on the Gram matrix; tensor nodes found by a fake-tensor run.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
+from wssi_audit import audit
 from wssi_audit.analysis import metrics
 from wssi_audit.analysis.metrics import spectral_norms
 
@@ -37,3 +42,23 @@ def test_power_iteration_converges_to_the_spectral_norm() -> None:
         middle[range(len(singular)), range(len(singular))] = singular
         stacks.append((u @ middle @ v.T).unsqueeze(0))
     assert spectral_norms(stacks) == pytest.approx([3.0, 3.0], rel=1e-9)
+
+
+class ValueDependent(nn.Module):
+    """Reads a tensor's value: symbolic tracing makes it a leaf, fake tensors cannot run it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) if float(x.mean()) > -1e9 else x
+
+
+def test_a_model_fake_tensors_cannot_run_is_run_for_real() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), ValueDependent(), nn.ReLU(), nn.Linear(4, 2)).eval()
+    report = audit(model, (torch.randn(3, 4),))
+    assert report.trace.method == "fx+leaves"
+    assert [u.node for u in report.trace.unanalyzed] == ["2"]
+    assert report.summary.all_verified is True

@@ -56,7 +56,14 @@ def find_untraceable(module: nn.Module, prefix: str = "") -> dict[str, str]:
 
 
 def _tensor_nodes_by_running(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> set[str]:
-    """Run the traced module once and note which nodes produce tensors."""
+    """Run the traced module once and note which nodes produce tensors.
+
+    The run uses fake tensors (shapes only, no arithmetic): a real ResNet-50 forward at 224x224
+    costs more than the rest of the analysis. A model that fake tensors cannot run (e.g. one that
+    reads a tensor's value) runs for real.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     tensor_nodes: set[str] = set()
 
     class Recorder(fx.Interpreter):
@@ -67,6 +74,14 @@ def _tensor_nodes_by_running(gm: fx.GraphModule, example_inputs: Sequence[Any]) 
                 tensor_nodes.add(n.name)
             return result
 
+    try:
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+        with torch.no_grad(), mode:
+            Recorder(gm).run(*fake_inputs)
+        return tensor_nodes
+    except Exception:
+        tensor_nodes.clear()
     with torch.no_grad():
         Recorder(gm).run(*example_inputs)
     return tensor_nodes

@@ -1,0 +1,102 @@
+"""Audit the real architectures of docs/architectures.md and print their table row by row.
+
+    .venv/bin/python benchmarks/architectures_table.py [--input-size 64] [--randomize-bn]
+
+Random init (weights=None / pretrained=False), eval mode, one 1x3xSxS input. With
+--randomize-bn, BatchNorm statistics and affine parameters are drawn at random as in
+tests/test_real_architectures.py (at init they are 0/1, so folding is trivially exact).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from wssi_audit import audit
+
+MODELS: list[tuple[str, str]] = [
+    ("torchvision", "resnet18"),
+    ("torchvision", "resnet50"),
+    ("torchvision", "vgg11"),
+    ("torchvision", "mobilenet_v2"),
+    ("torchvision", "densenet121"),
+    ("timm", "resnet18"),
+    ("timm", "resnet50"),
+]
+
+
+def factory(library: str, name: str) -> Callable[[], nn.Module]:
+    if library == "torchvision":
+        import torchvision
+
+        return lambda: getattr(torchvision.models, name)(weights=None)
+    import timm
+
+    return lambda: timm.create_model(name, pretrained=False)
+
+
+def randomize_batch_norm(model: nn.Module, seed: int = 0) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            count = module.num_features
+            with torch.no_grad():
+                module.running_mean.copy_(0.2 * torch.randn(count, generator=generator))
+                module.running_var.copy_(0.5 + 1.5 * torch.rand(count, generator=generator))
+                module.weight.copy_(0.5 + torch.rand(count, generator=generator))
+                module.bias.copy_(0.2 * torch.randn(count, generator=generator))
+    return model
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input-size", type=int, default=64)
+    parser.add_argument("--randomize-bn", action="store_true")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    print(f"# {os.cpu_count()} CPUs, torch {torch.__version__}, Python {platform.python_version()}")
+    print(f"# load average: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(
+        "| model | trace | ops | coverage | chains | residual blocks (id+proj) | folded BN | barriers "
+        "| homogeneous weight | max imbalance (dec) | log10 grad bound | all verified | audit time (s) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for library, name in MODELS:
+        torch.manual_seed(0)
+        model = factory(library, name)().eval()
+        if args.randomize_bn:
+            randomize_batch_norm(model)
+        x = torch.randn(1, 3, args.input_size, args.input_size, generator=torch.Generator().manual_seed(0))
+        audit(model, (x,), verify=False)  # warm-up
+        start = time.perf_counter()
+        report = audit(model, (x,))
+        seconds = time.perf_counter() - start
+        s = report.summary
+        identity = sum(b.shortcut == "identity" for b in report.residual_blocks)
+        barriers: dict[str, int] = {}
+        for barrier in report.barriers:
+            barriers[barrier.op] = barriers.get(barrier.op, 0) + 1
+        print(
+            f"| {library} {name} | {report.trace.method} | {report.trace.nodes} | {report.trace.coverage:.0%} "
+            f"| {s.chains} | {s.residual_blocks} ({identity}+{s.residual_blocks - identity}) "
+            f"| {sum(layer.folded_bn is not None for layer in report.layers)} "
+            f"| {', '.join(f'{op} x{n}' for op, n in barriers.items()) or 'none'} "
+            f"| {s.homogeneous_weight_fraction:.1%} | {fmt(s.max_imbalance_decades)} "
+            f"| {fmt(s.log10_input_gradient_bound, 1)} | {s.all_verified} | {seconds:.2f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
