@@ -286,3 +286,19 @@ def test_constants_and_padding() -> None:
     report = analyze_graph(graph).report
     assert [len(c.layers) for c in report.chains] == [2]
     assert report.chains[0].verified is True
+
+
+def test_check_onnx_model(tmp_path: Path) -> None:
+    """ONNX files go through `check` like any model: verified in onnxruntime, rules applied."""
+    path = _mlp_onnx(tmp_path)
+    result = runner.invoke(app, ["check", str(path), "--require-verified", "--min-coverage", "1", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    document = json.loads(result.output)
+    assert document["model"]["format"] == "onnx"
+    assert {c["name"]: c["status"] for c in document["checks"]} == {
+        "self-check": "pass",
+        "min-coverage": "pass",
+        "require-verified": "pass",
+    }
