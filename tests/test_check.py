@@ -33,6 +33,12 @@ def _mlp(shift: float = 0.0) -> torch.nn.Module:
     return model
 
 
+@pytest.fixture(autouse=True)
+def _not_on_github(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests parse stdout: no automatic annotations, even when the suite runs in Actions."""
+    monkeypatch.delenv("GITHUB_ACTIONS", raising=False)
+
+
 @pytest.fixture
 def models(tmp_path: Path) -> dict[str, Path]:
     paths = {}
@@ -83,7 +89,6 @@ def test_config_and_overrides(tmp_path: Path) -> None:
 
 def test_cli_exit_codes_and_table(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("GITHUB_ACTIONS", raising=False)
     ok = runner.invoke(app, ["check", str(models["balanced"]), *ARCH, "--max-imbalance", "1"])
     assert ok.exit_code == 0, ok.output
     assert "max-imbalance" in ok.output and "pass" in ok.output
@@ -129,7 +134,6 @@ def test_baseline_regression(models: dict[str, Path], tmp_path: Path, monkeypatc
 
 def test_formats(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("GITHUB_ACTIONS", raising=False)
     paths = [str(models["balanced"]), str(models["shifted"])]
     rules = ["--max-imbalance", "1", "--min-coverage", "0.5"]
     result = runner.invoke(app, ["check", *paths, *ARCH, *rules, "--format", "json"])

@@ -288,8 +288,9 @@ def test_constants_and_padding() -> None:
     assert report.chains[0].verified is True
 
 
-def test_check_onnx_model(tmp_path: Path) -> None:
+def test_check_onnx_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """ONNX files go through `check` like any model: verified in onnxruntime, rules applied."""
+    monkeypatch.delenv("GITHUB_ACTIONS", raising=False)  # stdout must be JSON only
     path = _mlp_onnx(tmp_path)
     result = runner.invoke(app, ["check", str(path), "--require-verified", "--min-coverage", "1", "--format", "json"])
     assert result.exit_code == 0, result.output
