@@ -46,17 +46,21 @@ def _program_runner(program: torch.export.ExportedProgram, example_inputs: Seque
     # A private copy: program.module() shares the program's tensors, and .to() would convert them.
     module = copy.deepcopy(program.module())
     dtype = torch.float64
+    # The float64 probe's output is the unshifted reference: a float64 forward costs seconds.
+    reference: list[torch.Tensor] | None = None
     try:
         module = module.to(dtype)
         inputs = tuple(x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in example_inputs)
         with torch.no_grad():
-            module(*inputs)
+            reference = flat_tensors(module(*inputs))
     except Exception:
         dtype = torch.float32
         module = copy.deepcopy(program.module()).to(dtype)
         inputs = tuple(example_inputs)
 
     def run(overrides: Any) -> list[torch.Tensor]:
+        if not overrides and reference is not None:
+            return [tensor.clone() for tensor in reference]
         with torch.no_grad():
             out = functional_call(module, {k: v.to(dtype) for k, v in overrides.items()}, inputs, strict=False)
         return flat_tensors(out)
