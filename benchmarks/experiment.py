@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/experiment.py              # default grid, ~25 min on 2 CPU cores,
                                                            # writes docs/results.md and docs/results/
     .venv/bin/python benchmarks/experiment.py --device cuda  # larger grid on a GPU
+    .venv/bin/python benchmarks/experiment.py --rebuild    # redo tables/plots of the last run, no training
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
     parser.add_argument("--output", default=None, help="folder for raw JSON and plots")
     parser.add_argument("--markdown", default=None, help="Markdown file for the tables")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="no training: redo tables and plots from build/experiment-raw-<grid>.json and "
+                             "<output>/summary.json of an earlier run")
+    parser.add_argument("--add-equivariant", action="store_true",
+                        help="run only regime 2b (equivariant learning rates) and merge it into the last run")
     parser.add_argument("--implementation", choices=("auto", "shared", "local"), default="auto",
                         help="invariant penalty: wssi_audit.regularizer (shared) or the local reference")
     args = parser.parse_args(argv)
@@ -45,7 +51,21 @@ def main(argv: list[str] | None = None) -> int:
     config = replace(config, implementation=args.implementation,
                      **{k: v for k, v in overrides.items() if v is not None})
     warnings.filterwarnings("ignore")
+    if args.rebuild:
+        from pathlib import Path
+
+        from wssi_audit.experiments.report import rebuild
+
+        rebuild(Path("build") / f"experiment-raw-{config.name}.json", Path(config.output) / "summary.json", config)
+        print(f"rebuilt {config.markdown} and {config.output}/")
+        return 0
     start = time.perf_counter()
+    if args.add_equivariant:
+        from wssi_audit.experiments.runner import add_equivariant_regime
+
+        add_equivariant_regime(config, progress=lambda message: print(
+            f"[{time.perf_counter() - start:7.1f}s] {message}", flush=True))
+        return 0
     run_experiments(config, progress=lambda message: print(f"[{time.perf_counter() - start:7.1f}s] {message}",
                                                           flush=True))
     print(f"wrote {config.markdown} and {config.output}/")

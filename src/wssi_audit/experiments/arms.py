@@ -76,7 +76,7 @@ def local_penalty(net: nn.Module, example: torch.Tensor, form: str, strength: fl
     floors: list[float] = []
     if form == "log_guard":
         decades = 1.0 if guard_decades is None else guard_decades
-        floors = [float(v) - decades * math.log(10.0) for v in log_norms()]
+        floors = [float(v.detach()) - decades * math.log(10.0) for v in log_norms()]
 
     def penalty() -> torch.Tensor:
         terms = log_norms()
@@ -101,7 +101,9 @@ def shared_regularizer_available() -> bool:
     return True
 
 
-def make_penalty(model: nn.Module, example: torch.Tensor, arm: Arm, implementation: str = "auto") -> tuple[Penalty | None, str]:
+def make_penalty(
+    model: nn.Module, example: torch.Tensor, arm: Arm, implementation: str = "auto"
+) -> tuple[Penalty | None, str]:
     """The arm's penalty (None for `none` / `wd`) and which implementation provides it:
     `shared` (wssi_audit.regularizer.WeightScaleRegularizer) or `local` (local_penalty)."""
     if arm.name not in INVARIANT_ARMS:

@@ -101,10 +101,12 @@ def analyse_sweep(runs: list[Record], regime: str, selection: dict[tuple[str, st
     return cells
 
 
-def analyse_shift(runs: list[Record]) -> dict[str, Any]:
-    """Regime 2: per arch and arm, how much the outcome varies across shifts of one function."""
+def analyse_shift(runs: list[Record], regime: str = "shift") -> dict[str, Any]:
+    """Regime 2 (`shift`, or `shift_eq` with equivariant learning rates): per arch, arm and
+    strength, how much the outcome varies across shifts of one function."""
     out: dict[str, Any] = {}
-    for (arch, arm), rs in _group([r for r in runs if r["regime"] == "shift"], "arch", "arm").items():
+    selected = [r for r in runs if r["regime"] == regime]
+    for (arch, arm, strength), rs in _group(selected, "arch", "arm", "strength").items():
         spreads, ranges, disagreements, pgd_spreads, accuracies = [], [], [], [], []
         for _, group in _group(rs, "seed").items():
             accs = [r["test_accuracy"] for r in group]
@@ -119,8 +121,8 @@ def analyse_shift(runs: list[Record]) -> dict[str, Any]:
                 for r in group:
                     if r["shift"] >= 0 and "_predictions" in r:
                         disagreements.append(sum(p != q for p, q in zip(r["_predictions"], ref)) / len(ref))
-        out[f"{arch}/{arm}"] = {
-            "arch": arch, "arm": arm, "strength": rs[0]["strength"], "runs": len(rs),
+        out[f"{arch}/{arm}" if regime == "shift" else f"{arch}/{arm}={strength:g}"] = {
+            "arch": arch, "arm": arm, "strength": strength, "runs": len(rs),
             "collapsed": sum(bool(r["collapsed"]) for r in rs),
             "test_accuracy": mean_std(accuracies),
             "within_function_std": mean_std(spreads),
@@ -128,6 +130,10 @@ def analyse_shift(runs: list[Record]) -> dict[str, Any]:
             "within_function_pgd_std": mean_std(pgd_spreads),
             "disagreement_with_unshifted": mean_std(disagreements),
             "final_imbalance": mean_std([r["max_imbalance_decades"] for r in rs if r["shift"] >= 0]),
+            "log10_intrinsic_norm_std_across_shifts": mean_std([
+                statistics.pstdev([r["log10_intrinsic_norm"] for r in group])
+                for _, group in _group(rs, "seed").items()
+            ]),
             "unshifted_final_imbalance": mean_std([r["max_imbalance_decades"] for r in rs if r["shift"] < 0]),
         }
     return out
@@ -172,10 +178,11 @@ def dump_raw(runs: list[Record], selection: dict[tuple[str, str, str], dict[str,
 
 
 def analyse(runs: list[Record], selection: dict[tuple[str, str, str], dict[str, float]],
-            config: ExperimentConfig) -> dict[str, Any]:
-    """All summaries of a grid (the raw records are saved first, see `dump_raw`)."""
+            config: ExperimentConfig, dump: bool = True) -> dict[str, Any]:
+    """All summaries of a grid (with `dump`, the raw records are saved first, see `dump_raw`)."""
     try:
-        dump_raw(runs, selection, config)
+        if dump:
+            dump_raw(runs, selection, config)
     except Exception as error:
         print(f"could not save the raw records: {error}")
     collapsed = [
@@ -187,6 +194,7 @@ def analyse(runs: list[Record], selection: dict[tuple[str, str, str], dict[str, 
         "sgd": analyse_sweep(runs, "sgd", selection, config),
         "adam": analyse_sweep(runs, "adam", selection, config),
         "shift": analyse_shift(runs),
+        "shift_eq": analyse_shift(runs, "shift_eq"),
         "finetune": analyse_finetune(runs),
         "collapsed_runs": collapsed,
         "penalty_implementations": sorted({r.get("penalty_implementation") or "" for r in runs} - {""}),
@@ -253,7 +261,8 @@ def markdown(results: dict[str, Any], config: ExperimentConfig, plots: list[str]
     lines += ["### Core argument on a trained model", "",
               f"{demo['model']}; random shift with log10 g_l = {demo['log10_factors']}.", "",
               "| quantity | before | after | change |", "|---|---|---|---|",
-              f"| max \\|logit\\| / max \\|Δ logit\\| | {demo['max_abs_logit']:.3g} | | {demo['max_abs_logit_change']:.2e} |",
+              f"| max \\|logit\\| / max \\|Δ logit\\| | {demo['max_abs_logit']:.3g} | | "
+              f"{demo['max_abs_logit_change']:.2e} |",
               f"| weight-decay penalty Σ‖W‖² | {demo['weight_decay_penalty']['before']:.4g} | "
               f"{demo['weight_decay_penalty']['after']:.4g} | × {demo['weight_decay_penalty']['factor']:.3g} |",
               f"| imbalance (decades) | {demo['imbalance_decades']['before']:.3f} | "
@@ -281,6 +290,23 @@ def markdown(results: dict[str, Any], config: ExperimentConfig, plots: list[str]
                 f"{s['final_imbalance'][0]:.2f} / {s['unshifted_final_imbalance'][0]:.2f} | "
                 f"{s['collapsed']}/{s['runs']} |")
         lines.append("")
+    if a.get("shift_eq"):
+        lines += ["### Regime 2b — the same shifts, with shift-equivariant learning rates (digits)", "",
+                  "As regime 2, but each parameter's SGD learning rate is multiplied by g_l² (weights) or c_l² "
+                  "(biases) of its shift, which makes SGD with momentum exactly equivariant: the shifted run "
+                  "follows the shift of the unshifted run, for the loss and any shift-invariant penalty. Only "
+                  "the regularizer can then make the outcome depend on the shift. Strengths: the ones selected "
+                  "in regime 1 and a stronger one.", "",
+                  "| arch | arm | strength | test acc % | std across shifts (pts) | PGD std (pts) | "
+                  "predictions ≠ unshifted % | std of log10 N across shifts | collapsed |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for s in sorted(a["shift_eq"].values(), key=lambda s: (s["arch"], ARM_ORDER.index(s["arm"]), s["strength"])):
+            lines.append(
+                f"| {s['arch']} | {s['arm']} | {s['strength']:g} | {_pct(s['test_accuracy'])} | "
+                f"{_pct(s['within_function_std'])} | {_pct(s['within_function_pgd_std'])} | "
+                f"{_pct(s['disagreement_with_unshifted'])} | {_num(s['log10_intrinsic_norm_std_across_shifts'], 3)} | "
+                f"{s['collapsed']}/{s['runs']} |")
+        lines.append("")
     if a["finetune"]:
         lines += ["### Regime 4 — fine-tuning a trained model after a function-preserving shift (digits)", "",
                   f"Base: trained without regularizer; fine-tuned {config.finetune_epochs} epochs, SGD lr "
@@ -294,7 +320,8 @@ def markdown(results: dict[str, Any], config: ExperimentConfig, plots: list[str]
                 f"| {s['arch']} | {s['arm']} | {s['strength']:g} | {_pct(s['base_test_accuracy'])} | "
                 f"{_pct(s['unshifted_test_accuracy'])} | {_pct(s['shifted_test_accuracy'])} | "
                 f"{_pct(s['abs_accuracy_gap'])} | {_pct(s['disagreement_with_unshifted'])} | "
-                f"{100 * s['unshifted_disagreement_with_base'][0]:.1f} / {100 * s['shifted_disagreement_with_base'][0]:.1f}"
+                f"{100 * s['unshifted_disagreement_with_base'][0]:.1f} / "
+                f"{100 * s['shifted_disagreement_with_base'][0]:.1f}"
                 f" | {s['collapsed']}/{s['runs']} |")
         lines.append("")
     collapsed = a["collapsed_runs"]
@@ -405,29 +432,38 @@ def make_plots(results: dict[str, Any], config: ExperimentConfig, directory: Pat
         plt.close(fig)
         paths.append(path)
 
-    for regime, key, ylabel in (("shift", "within_function_range", "test-acc range across shifts (pts)"),
+    titles = {"shift": "Regime 2: same function, shifted inits (SGD)",
+              "shift_eq": "Regime 2b: shifted inits, equivariant SGD",
+              "finetune": "Regime 4: fine-tuning after a shift"}
+    for regime, key, ylabel in (("shift", "disagreement_with_unshifted", "predictions ≠ unshifted run %"),
+                                ("shift_eq", "disagreement_with_unshifted", "predictions ≠ unshifted run %"),
                                 ("finetune", "disagreement_with_unshifted", "predictions ≠ unshifted fine-tune %")):
-        stats = a[regime]
+        stats = a.get(regime)
         if not stats:
             continue
         archs = sorted({s["arch"] for s in stats.values()})
-        fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(archs), 3.2))
-        width = 0.8 / 4
-        for k, arm in enumerate(("none", "wd", "log", "balanced")):
+        variants = sorted({(s["arm"], s["strength"]) for s in stats.values()},
+                          key=lambda v: (ARM_ORDER.index(v[0]), v[1]))
+        fig, ax = plt.subplots(figsize=(2.6 + 0.5 * len(archs) * len(variants), 3.4))
+        width = 0.8 / len(variants)
+        for k, (arm, strength) in enumerate(variants):
             xs, ys, es = [], [], []
             for i, arch in enumerate(archs):
-                s = stats.get(f"{arch}/{arm}")
+                s = next((s for s in stats.values() if (s["arch"], s["arm"], s["strength"]) == (arch, arm, strength)),
+                         None)
                 if s:
-                    xs.append(i + (k - 1.5) * width)
+                    xs.append(i + (k - (len(variants) - 1) / 2) * width)
                     ys.append(100 * s[key][0])
                     es.append(100 * s[key][1])
             if xs:
-                ax.bar(xs, ys, width, yerr=es, label=arm, color=ARM_COLORS[arm], capsize=2)
+                label = arm if arm == "none" else f"{arm} {strength:g}"
+                alpha = 1.0 if sum(v[0] == arm for v in variants) == 1 or strength == min(
+                    v[1] for v in variants if v[0] == arm) else 0.55
+                ax.bar(xs, ys, width, yerr=es, label=label, color=ARM_COLORS[arm], alpha=alpha, capsize=2)
         ax.set_xticks(range(len(archs)), archs)
         ax.set_ylabel(ylabel, fontsize=8)
         ax.legend(fontsize=7)
-        ax.set_title("Regime 2: same function, shifted inits" if regime == "shift"
-                     else "Regime 4: fine-tuning after a shift", fontsize=9)
+        ax.set_title(titles[regime], fontsize=9)
         fig.tight_layout()
         path = directory / f"{regime}.png"
         fig.savefig(path, dpi=110)
@@ -459,3 +495,23 @@ def write_outputs(results: dict[str, Any], config: ExperimentConfig) -> None:
         md_path.write_text(head + generated + tail)
     else:
         md_path.write_text((existing.rstrip() + "\n\n" if existing else "# Results\n\n") + generated + "\n")
+
+
+def rebuild(raw_path: str | Path, summary_path: str | Path, config: ExperimentConfig | None = None) -> dict[str, Any]:
+    """Recompute summaries, plots and Markdown from a raw dump (`dump_raw`) and the run's
+    summary.json (demo, machine, timing), without training anything."""
+    from .runner import ExperimentConfig, _public
+
+    raw = json.loads(Path(raw_path).read_text())
+    summary = json.loads(Path(summary_path).read_text())
+    if config is None:
+        config = ExperimentConfig(**{k: v for k, v in raw["config"].items()
+                                     if k in ExperimentConfig.__dataclass_fields__})
+    selection = {tuple(k): v for k, v in raw["selection"]}
+    runs = raw["runs"]
+    results: dict[str, Any] = {key: summary[key] for key in ("config", "machine", "demo", "selection", "seconds")}
+    results["attack"] = summary.get("attack") or next((r["attack"] for r in runs if "attack" in r), None)
+    results["analysis"] = analyse(runs, selection, config, dump=False)
+    results["runs"] = [_public(r) for r in runs]
+    write_outputs(results, config)
+    return results

@@ -63,6 +63,8 @@ class ExperimentConfig:
     shift_archs: list[str] = field(default_factory=list)  # digits archs for regimes 2 and 4
     shifts: int = 3  # random shifts per initial function (plus the unshifted one)
     arch_shifts: dict[str, int] = field(default_factory=dict)  # per-arch override of `shifts`
+    equivariant_archs: list[str] = field(default_factory=list)  # digits archs for regime 2b
+    equivariant_strengths: dict[str, float] = field(default_factory=dict)  # extra (strong) arms for 2b
     shift_decades: float = 1.5  # log10 g_l uniform in [-d, d], recentred: up to 3 decades apart
     finetune_epochs: int = 15
     finetune_lr: float = 0.01
@@ -109,6 +111,7 @@ def default_config() -> ExperimentConfig:
         arch_strengths={"resnet_nobn": dict(RESNET_STRENGTHS), "resnet_bn": dict(RESNET_STRENGTHS)},
         adam_strengths=dict(ADAM_STRENGTHS), guard_cells=["mlp"], probe_strengths=dict(PROBE_STRENGTHS),
         adam_archs=["mlp"], shift_archs=["mlp", "vgg"], arch_shifts={"vgg": 2},
+        equivariant_archs=["mlp", "vgg"], equivariant_strengths={"wd": 2e-3, "log": 2e-2, "balanced": 2e-4},
     )
 
 
@@ -120,6 +123,7 @@ def quick_config() -> ExperimentConfig:
         strengths={"wd": [5e-4], "log": [6e-3], "balanced": [2e-4]},
         adam_strengths={"wd": [1e-2], "log": [6e-3], "balanced": [2e-4]},
         guard_cells=["mlp"], probe_strengths={"log": [2e-1]}, adam_archs=["mlp"], shift_archs=["mlp"], shifts=2,
+        equivariant_archs=["mlp"], equivariant_strengths={"wd": 2e-3},
         finetune_epochs=3,
         eps=[0.0, 0.05], pgd_steps=5, output="build/experiment-quick", markdown="build/experiment-quick/results.md",
     )
@@ -193,12 +197,49 @@ def apply_shift(model: Normalized, example: torch.Tensor, shift_seed: int, decad
     return factors
 
 
+def equivariant_lr_scales(model: Normalized, example: torch.Tensor, factors: list[float]) -> dict[str, float]:
+    """Per-parameter learning-rate multipliers that make SGD (with momentum) exactly equivariant
+    to the shift `factors` (as applied by `apply_shift`): g_l^2 for W_l and c_l^2 for b_l. Then
+    the shifted run's trajectory is the shift of the unshifted run's, for the loss and for any
+    shift-invariant penalty, but not for weight decay (its gradient scales like g_l, not 1/g_l)."""
+    scales: dict[str, float] = {}
+    index = 0
+    for layers in chain_layers(model, example.cpu()):
+        cumulative = 0.0
+        for position, layer in enumerate(layers):
+            log_g = factors[index]
+            index += 1
+            cumulative += log_g
+            log_c = 0.0 if position == len(layers) - 1 else cumulative
+            scales[f"net.{layer.weight}"] = 10.0 ** (2 * log_g)
+            if layer.bias:
+                scales[f"net.{layer.bias}"] = 10.0 ** (2 * log_c)
+    return scales
+
+
+def _scale_param_groups(model: nn.Module, optimizer: torch.optim.Optimizer, scales: dict[str, float]) -> None:
+    """Split the optimizer's parameter groups so that each scaled parameter gets lr * scale."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = []
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            scale = scales.get(names[id(param)], 1.0)
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [param],
+                           "lr": group["lr"] * scale})
+    optimizer.param_groups.clear()
+    for group in groups:
+        optimizer.add_param_group(group)
+
+
 def train(
     model: nn.Module, data: Dataset, arm: Arm, epochs: int, lr: float, batch_size: int, seed: int,
-    implementation: str, device: str, cosine: bool = True,
+    implementation: str, device: str, cosine: bool = True, lr_scales: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Mini-batch training on cross-entropy + the arm's penalty; stops on a non-finite loss."""
+    """Mini-batch training on cross-entropy + the arm's penalty; stops on a non-finite loss.
+    `lr_scales`: per-parameter learning-rate multipliers (see `equivariant_lr_scales`)."""
     optimizer = make_optimizer(model, arm, lr)
+    if lr_scales:
+        _scale_param_groups(model, optimizer, lr_scales)
     penalty, source = make_penalty(model, data.x_train[:2].to(device), arm, implementation)
     steps_per_epoch = math.ceil(len(data.y_train) / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch) if cosine else None
@@ -291,14 +332,15 @@ def run_one(spec: RunSpec, config: ExperimentConfig) -> Record:
         shifted_imbalance = audit_measures(model, data.x_train[:2])["max_imbalance_decades"]
     arm = Arm(spec.arm, spec.strength, spec.optimizer)
     lr = config.lr_sgd if spec.optimizer == "sgd" else config.lr_adam
+    scales = equivariant_lr_scales(model, data.x_train[:2], factors) if spec.regime == "shift_eq" and factors else None
     info = train(model, data, arm, epochs_for(config, data), lr, config.batch_size, spec.seed,
-                 config.implementation, config.device)
+                 config.implementation, config.device, lr_scales=scales)
     record: Record = {**asdict(spec), "dataset": data.name, "base_dataset": spec.dataset, **info}
-    record.update(measure(model, data, config, spec.seed, full=spec.regime != "shift"))
+    record.update(measure(model, data, config, spec.seed, full=spec.regime not in ("shift", "shift_eq")))
     record["collapsed"] = is_collapsed(record, data.classes)
     record["shift_log10_factors"] = [round(f, 4) for f in factors]
     record["imbalance_after_shift"] = shifted_imbalance
-    if spec.regime == "shift":
+    if spec.regime in ("shift", "shift_eq"):
         record["_predictions"] = predictions(model, data.x_test.to(config.device)).tolist()
     return record
 
@@ -486,6 +528,45 @@ def select_strengths(records: Iterable[Record]) -> dict[tuple[str, str, str], di
     return selected
 
 
+def equivariant_tasks(config: ExperimentConfig, selection: dict[tuple[str, str, str], dict[str, float]]
+                      ) -> list[tuple[str, Any, ExperimentConfig]]:
+    """Regime 2b: the regime-2 shifts trained with shift-equivariant per-layer learning rates, with
+    the regime-1 selected strengths and `config.equivariant_strengths`."""
+    tasks: list[tuple[str, Any, ExperimentConfig]] = []
+    for arch in config.equivariant_archs:
+        chosen = selection.get(("sgd", "digits", arch), {})
+        arms = {("none", 0.0)} | {(a, chosen[a]) for a in ("wd", "log", "balanced") if a in chosen}
+        arms |= set(config.equivariant_strengths.items())
+        shifted = replace(config, shifts=config.shifts_for(arch))
+        for seed in range(config.seeds):
+            for arm, strength in sorted(arms):
+                for shift in [-1, *range(shifted.shifts)]:
+                    spec = RunSpec("shift_eq", "digits", 1.0, arch, arm, strength, "sgd", seed, shift)
+                    tasks.append(("run", spec, shifted))
+    return tasks
+
+
+def add_equivariant_regime(config: ExperimentConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run only regime 2b and merge it into the last run's results (raw dump + summary.json)."""
+    from .report import dump_raw, rebuild
+
+    start = time.perf_counter()
+    raw_path = Path("build") / f"experiment-raw-{config.name}.json"
+    raw = json.loads(raw_path.read_text())
+    selection = {tuple(k): v for k, v in raw["selection"]}
+    runs = [r for r in raw["runs"] if r["regime"] != "shift_eq"]
+    tasks = equivariant_tasks(config, selection)  # type: ignore[arg-type]
+    progress(f"regime 2b: {len(tasks)} tasks")
+    runs += _map(sorted(tasks, key=_cost, reverse=True), config, progress)
+    dump_raw(runs, selection, config)  # type: ignore[arg-type]
+    summary_path = Path(config.output) / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["seconds"] += time.perf_counter() - start
+    summary["config"] = config.to_dict()
+    summary_path.write_text(json.dumps(summary, default=str))
+    return rebuild(raw_path, summary_path, config)
+
+
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or ""
     try:
@@ -513,7 +594,8 @@ def _public(record: Record) -> Record:
             return [clean(v) for v in value]
         return value
 
-    return {k: clean(v) for k, v in record.items() if not k.startswith("_")}
+    # the attack settings are the same in every record: they are kept once, in summary.json
+    return {k: clean(v) for k, v in record.items() if not k.startswith("_") and k != "attack"}
 
 
 def run_experiments(config: ExperimentConfig, progress: Callable[[str], None] = print,
@@ -552,6 +634,7 @@ def run_experiments(config: ExperimentConfig, progress: Callable[[str], None] = 
                     spec = RunSpec("shift", "digits", 1.0, arch, arm.name, arm.strength, "sgd", seed, shift)
                     phase_b.append(("run", spec, shifted))
             phase_b.append(("finetune", (seed, arch, arms), shifted))
+    phase_b += equivariant_tasks(config, selection)
     phase_b.sort(key=_cost, reverse=True)
     progress(f"phase B: {len(phase_b)} tasks (selected arms on seeds {list(more_seeds)}, regime 2 shifts, "
              "regime 4 fine-tuning)")
@@ -560,8 +643,10 @@ def run_experiments(config: ExperimentConfig, progress: Callable[[str], None] = 
 
     from .report import analyse, write_outputs
 
+    attack = next((r["attack"] for r in runs if "attack" in r), None)
     results: dict[str, Any] = {
         "config": config.to_dict(),
+        "attack": attack,
         "machine": machine_info(),
         "demo": demo,
         "selection": {"/".join(k): v for k, v in selection.items()},
