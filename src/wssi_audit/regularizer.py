@@ -32,7 +32,7 @@ are scale-free as a whole and are excluded too.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,7 +249,6 @@ class WeightScaleRegularizer:
             kept_chains += 1
             return indices
 
-        by_id = {chain.id: chain for chain in structure.chains}
         projection_chain = {
             block.id: next(c for c in structure.chains if c.layers[0].node == block.projection.node)
             for block in structure.blocks
@@ -281,7 +280,6 @@ class WeightScaleRegularizer:
             term = _Term(f"chain {chain.id}", "chain")
             term.units = add_units(chain, len(terms), "chain")
             terms.append(term)
-        _ = by_id
 
         self._units, self._terms = units, terms
         has_blocks = any(t.kind == "block" for t in terms)
@@ -702,5 +700,3 @@ def attach(
     handle = optimizer.register_step_pre_hook(hook)
     return RegularizerHandle(reg, optimizer, handle, moved)
 
-
-Callback = Callable[[], None]
