@@ -29,12 +29,14 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     directory = tmp_path_factory.mktemp("experiment")
     import os
 
-    cwd = Path.cwd()
+    cwd, threads = Path.cwd(), torch.get_num_threads()
     os.chdir(directory)  # the raw dump goes to ./build
+    torch.set_num_threads(1)  # tiny models: one thread is fastest and avoids oversubscription
     try:
         results = run_experiments(tiny_config(directory), progress=lambda _: None)
     finally:
         os.chdir(cwd)
+        torch.set_num_threads(threads)
     return results, directory
 
 

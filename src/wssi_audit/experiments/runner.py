@@ -174,6 +174,10 @@ def initial_model(spec: RunSpec, data: Dataset, device: str) -> Normalized:
     return build_model(spec.arch, data.input_shape, data.classes, data.mean, data.std).to(device)
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def chain_layers(model: Normalized, example: torch.Tensor) -> list[list[Any]]:
     """WeightLayers of every multi-layer chain of the model's network."""
     structure = analyze(model.net, (example,), verify=False).structure
@@ -186,7 +190,7 @@ def apply_shift(model: Normalized, example: torch.Tensor, shift_seed: int, decad
     state = {k: v.detach().cpu() for k, v in model.net.state_dict().items()}
     overrides: dict[str, torch.Tensor] = {}
     factors: list[float] = []
-    for layers in chain_layers(model, example.cpu()):
+    for layers in chain_layers(model, example.to(_device_of(model))):
         log_g = random_log10_factors(len(layers), rng, decades)
         factors += log_g
         overrides.update(shift_layers(layers, log_g, state))
@@ -204,7 +208,7 @@ def equivariant_lr_scales(model: Normalized, example: torch.Tensor, factors: lis
     shift-invariant penalty, but not for weight decay (its gradient scales like g_l, not 1/g_l)."""
     scales: dict[str, float] = {}
     index = 0
-    for layers in chain_layers(model, example.cpu()):
+    for layers in chain_layers(model, example.to(_device_of(model))):
         cumulative = 0.0
         for position, layer in enumerate(layers):
             log_g = factors[index]
@@ -274,7 +278,7 @@ def train(
 def audit_measures(model: Normalized, example: torch.Tensor) -> dict[str, Any]:
     """log10 intrinsic norm, imbalance, input-gradient bound and layer norms, from the audit."""
     net = model.net
-    analysis = analyze(net, (example.cpu(),), verify=False)
+    analysis = analyze(net, (example.to(_device_of(net)),), verify=False)
     report = analysis.report.to_dict()
     chains = [c for c in report["chains"] if len(c["weights"]) > 1]
     layer_logs = [layer["log10_frobenius"] for layer in report["layers"]]
