@@ -114,7 +114,9 @@ def main() -> None:
     print(f"median step, weight decay only : {statistics.median(times_plain) * 1e3:.1f} ms")
     print(f"median step, with attach       : {statistics.median(times_reg) * 1e3:.1f} ms")
     print(f"median hook time (add_gradients_): {statistics.median(hook) * 1e3:.2f} ms")
-    print(f"median per-pair step-time ratio: {statistics.median(ratios):.4f}  ({args.steps} alternating pairs)")
+    quartiles = statistics.quantiles(ratios, n=4)
+    print(f"median per-pair step-time ratio: {statistics.median(ratios):.4f}  ({args.steps} alternating pairs; "
+          f"quartiles {quartiles[0]:.3f} - {quartiles[2]:.3f})")
     print(f"ratio of medians               : {statistics.median(times_reg) / statistics.median(times_plain):.4f}")
     step_plain = statistics.median(optimizer_times[id(opt_plain)])
     step_reg = statistics.median(optimizer_times[id(opt_reg)])
