@@ -1,10 +1,11 @@
 """Reproduce the paper's claims on real data (issue #5); see docs/results.md.
 
     .venv/bin/python benchmarks/experiment.py --quick      # smoke test, < 3 min, writes build/experiment-quick/
-    .venv/bin/python benchmarks/experiment.py              # default grid, ~25 min on 2 CPU cores,
-                                                           # writes docs/results.md and docs/results/
+    .venv/bin/python benchmarks/experiment.py              # default grid: 41 min measured on 2 busy CPU
+                                                           # cores; writes docs/results.md, docs/results/
     .venv/bin/python benchmarks/experiment.py --device cuda  # larger grid on a GPU
     .venv/bin/python benchmarks/experiment.py --rebuild    # redo tables/plots of the last run, no training
+    .venv/bin/python benchmarks/experiment.py --add-equivariant  # only regime 2b, merged into the last run
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny grid: a smoke test (< 3 minutes)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda; cuda runs the larger grid")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: 2 on CPU, 1 on CUDA)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: 2 on CPU, 4 on CUDA)")
     parser.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
     parser.add_argument("--output", default=None, help="folder for raw JSON and plots")
     parser.add_argument("--markdown", default=None, help="Markdown file for the tables")

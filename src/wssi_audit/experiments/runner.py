@@ -130,14 +130,15 @@ def quick_config() -> ExperimentConfig:
 
 
 def large_config(device: str) -> ExperimentConfig:
-    """A larger grid for a GPU: more seeds and every architecture in every regime."""
+    """A larger grid for a GPU machine (4 processes share the GPU): 10 seeds, 60 epochs, more cells.
+    Not run in this project so far (no GPU was available)."""
     config = default_config()
     cells = [*config.cells, ("digits", 0.2, "resnet_nobn"), ("digits", 0.2, "resnet_bn")]
     if mnist1d_available():
         cells.append(("mnist1d", 1.0, "vgg"))
     return replace(
         config, name="large", cells=cells, epochs=60, epochs_large=30, seeds=10, sweep_seeds=3, device=device,
-        workers=1, shifts=6, arch_shifts={}, arch_strengths={}, adam_archs=["mlp", "vgg", "resnet_nobn"],
+        workers=4, shifts=6, arch_shifts={}, arch_strengths={}, adam_archs=["mlp", "vgg", "resnet_nobn"],
         shift_archs=["mlp", "vgg"], guard_cells=["mlp", "vgg"],
     )
 
