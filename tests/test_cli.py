@@ -123,3 +123,9 @@ def test_demo_command_trains_saves_and_audits(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "digits_mlp.pt2").exists()
     assert "test accuracy" in result.output and "all chains" in result.output
+
+
+def test_experiment_on_cuda_without_cuda_is_an_input_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = runner.invoke(app, ["experiment", "--device", "cuda"])
+    assert result.exit_code == 2 and "CUDA is not available" in result.output

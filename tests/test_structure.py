@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -149,3 +151,27 @@ def test_no_example_input_means_not_verified_but_analysed():
     assert report.summary.all_verified is None
     assert all(c.verified is None for c in report.chains)
     assert report.summary.log10_input_gradient_bound is not None
+
+
+class NormalizedInput(nn.Module):
+    """(x - mean) / std inside the model, as robustness benchmarks require."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.5]))
+        self.register_buffer("std", torch.tensor([0.25]))
+        self.first = nn.Linear(4, 4)
+        self.second = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(F.relu(self.first((x - self.mean) / self.std)))
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_normalization_inside_the_model_keeps_the_bound(method):
+    model = NormalizedInput()
+    report = audit(model, (torch.randn(2, 4),), method=method)
+    assert [c.layers for c in report.chains] == [["first", "second"]]
+    assert [b.op for b in report.barriers] == ["add_const"]
+    expected = math.log10(4.0 * float(model.first.weight.detach().norm()) * float(model.second.weight.detach().norm()))
+    assert report.summary.log10_input_gradient_bound == pytest.approx(expected, rel=1e-6)

@@ -156,7 +156,7 @@ OP_TABLE: dict[str, OpSpec] = {
     "div": _barrier("division by an activation"),
     "matmul": _barrier("product of two activations (attention)"),
     "attention": _barrier("attention is not positively homogeneous"),
-    "add_const": _barrier("adds a constant offset"),
+    "add_const": _barrier("adds a constant offset", 1.0),  # an offset moves no gradient
     "embedding": _barrier("embedding lookup: the input is an index, not an activation"),
     "pointwise": _barrier("non-homogeneous elementwise function"),
     "tied_weight": _barrier("tied weight: one tensor used by several layers"),

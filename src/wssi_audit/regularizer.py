@@ -44,7 +44,7 @@ from .audit import Analysis, homogeneous_layers
 
 # One place for the defaults; the experiments (issue 5) may retune these two values.
 DEFAULT_FORM = "log"
-DEFAULT_STRENGTH = 1e-3
+DEFAULT_STRENGTH = 2e-3  # chosen from docs/results.md (validation-selected in most cells, 10-30x below collapse)
 FORMS = ("log", "balanced")
 # Norms below this are clamped (value and gradient) so a collapsing layer cannot produce inf/NaN.
 DEFAULT_MIN_NORM = 1e-6
