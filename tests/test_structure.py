@@ -137,7 +137,7 @@ class RootUntraceable(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for _ in range(int(x.shape[0] > 0)):
             x = self.first(x)
-        return x if bool(x.sum() > 0) else x
+        return x if bool(x.sum() > 0) else -x
 
 
 def test_untraceable_root_without_input_is_one_clear_error():
