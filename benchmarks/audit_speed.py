@@ -151,8 +151,13 @@ def main() -> None:
     print(f"load average after:  {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print()
     width = max(len(name) for name, _ in rows)
-    for name, seconds in rows:
-        ratio = f"   {peer / seconds:6.1f}x faster than weightwatcher" if peer else ""
+    for index, (name, seconds) in enumerate(rows):
+        ratio = ""
+        if peer is not None and peer_process is not None and index < 3:
+            ratio = (
+                f"   weightwatcher analyze() / this: {peer / seconds:5.2f}"
+                f"   whole run / this: {peer_process / seconds:5.2f}"
+            )
         print(f"{name:<{width}}  {seconds:8.3f} s{ratio}")
     print()
     print(f"analysis CPU time (one run, {torch.get_num_threads()} threads): {analysis_cpu:.3f} s")
