@@ -62,3 +62,14 @@ def test_a_model_fake_tensors_cannot_run_is_run_for_real() -> None:
     assert report.trace.method == "fx+leaves"
     assert {u.node for u in report.trace.unanalyzed} == {"2"}
     assert report.summary.all_verified is True
+
+
+def test_auditing_a_model_in_training_mode_leaves_its_batch_norm_statistics_alone() -> None:
+    """Regression: the input-shape check ran a training-mode forward, updating running stats."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = audit(model, (torch.randn(2, 3, 8, 8) + 3.0,))
+    assert report.summary.all_verified is True
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

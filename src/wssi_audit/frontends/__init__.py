@@ -95,6 +95,8 @@ def _check_runs(model: Any, example_inputs: Sequence[Any]) -> None:
 def build_graph(model: Any, example_inputs: Sequence[Any] | None = None, method: str = "auto") -> Graph:
     if isinstance(model, Graph):
         return model
+    if isinstance(model, nn.Module):
+        model.eval()  # analysed in eval mode anyway; a training-mode check run would update BN statistics
     if example_inputs is not None and isinstance(model, (nn.Module, torch.export.ExportedProgram)):
         _check_runs(model, example_inputs)
     if isinstance(model, torch.export.ExportedProgram):
