@@ -106,17 +106,22 @@ def main() -> None:
         ratios.append(b / a)
     hook = [hook_only() for _ in range(args.steps)]
 
-    print(f"machine: {_cpu_model()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-          f"device {device}")
+    print(
+        f"machine: {_cpu_model()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, device {device}"
+    )
     print(f"model: torchvision resnet18(num_classes=10), batch {args.batch_size}x3x32x32, SGD momentum 0.9")
-    print(f"regularizer: form={args.form}, {len(coverage.covered)} layers covered, "
-          f"{len(coverage.excluded)} weights excluded; attach() setup {setup:.2f} s")
+    print(
+        f"regularizer: form={args.form}, {len(coverage.covered)} layers covered, "
+        f"{len(coverage.excluded)} weights excluded; attach() setup {setup:.2f} s"
+    )
     print(f"median step, weight decay only : {statistics.median(times_plain) * 1e3:.1f} ms")
     print(f"median step, with attach       : {statistics.median(times_reg) * 1e3:.1f} ms")
     print(f"median hook time (add_gradients_): {statistics.median(hook) * 1e3:.2f} ms")
     quartiles = statistics.quantiles(ratios, n=4)
-    print(f"median per-pair step-time ratio: {statistics.median(ratios):.4f}  ({args.steps} alternating pairs; "
-          f"quartiles {quartiles[0]:.3f} - {quartiles[2]:.3f})")
+    print(
+        f"median per-pair step-time ratio: {statistics.median(ratios):.4f}  ({args.steps} alternating pairs; "
+        f"quartiles {quartiles[0]:.3f} - {quartiles[2]:.3f})"
+    )
     print(f"ratio of medians               : {statistics.median(times_reg) / statistics.median(times_plain):.4f}")
     step_plain = statistics.median(optimizer_times[id(opt_plain)])
     step_reg = statistics.median(optimizer_times[id(opt_reg)])

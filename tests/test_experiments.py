@@ -16,11 +16,27 @@ from wssi_audit.experiments.attacks import evaluate_robustness, fgsm, pgd
 
 def tiny_config(directory: Path) -> ExperimentConfig:
     return replace(
-        quick_config(), name="test", cells=[("digits", 1.0, "mlp")], seeds=2, sweep_seeds=1, epochs=1,
-        strengths={"wd": [5e-4], "log": [6e-3]}, probe_strengths={}, guard_cells=["mlp"],
-        adam_strengths={"wd": [1e-2], "log": [2e-3]}, adam_archs=["mlp"], shift_archs=["mlp"], shifts=1,
-        equivariant_archs=["mlp"], equivariant_strengths={}, finetune_epochs=1, eps=[0.0, 0.05], pgd_steps=2,
-        workers=1, output=str(directory / "results"), markdown=str(directory / "results.md"),
+        quick_config(),
+        name="test",
+        cells=[("digits", 1.0, "mlp")],
+        seeds=2,
+        sweep_seeds=1,
+        epochs=1,
+        strengths={"wd": [5e-4], "log": [6e-3]},
+        probe_strengths={},
+        guard_cells=["mlp"],
+        adam_strengths={"wd": [1e-2], "log": [2e-3]},
+        adam_archs=["mlp"],
+        shift_archs=["mlp"],
+        shifts=1,
+        equivariant_archs=["mlp"],
+        equivariant_strengths={},
+        finetune_epochs=1,
+        eps=[0.0, 0.05],
+        pgd_steps=2,
+        workers=1,
+        output=str(directory / "results"),
+        markdown=str(directory / "results.md"),
     )
 
 
@@ -44,8 +60,18 @@ def test_outputs_exist(grid: tuple[dict, Path]) -> None:
     results, directory = grid
     markdown = (directory / "results.md").read_text()
     assert "BEGIN GENERATED RESULTS" in markdown and "Regime 1" in markdown and "Regime 4" in markdown
-    for name in ("summary.json", "runs_sgd.json", "runs_adam.json", "runs_shift.json", "runs_finetune.json",
-                 "sgd_selected.png", "sgd_sweeps.png", "shift.png", "shift_eq.png", "finetune.png"):
+    for name in (
+        "summary.json",
+        "runs_sgd.json",
+        "runs_adam.json",
+        "runs_shift.json",
+        "runs_finetune.json",
+        "sgd_selected.png",
+        "sgd_sweeps.png",
+        "shift.png",
+        "shift_eq.png",
+        "finetune.png",
+    ):
         assert (directory / "results" / name).stat().st_size > 0, name
     assert (directory / "build" / "experiment-raw-test.json").exists()
     summary = json.loads((directory / "results" / "summary.json").read_text())
@@ -59,8 +85,19 @@ def test_run_records(grid: tuple[dict, Path]) -> None:
     results, directory = grid
     runs = json.loads((directory / "results" / "runs_sgd.json").read_text())
     assert {r["arm"] for r in runs} == {"none", "wd", "log", "log_guard"}
-    keys = {"test_accuracy", "val_accuracy", "fgsm", "pgd", "input_gradient_norm", "log10_intrinsic_norm",
-            "max_imbalance_decades", "train_seconds", "collapsed", "seed", "strength"}
+    keys = {
+        "test_accuracy",
+        "val_accuracy",
+        "fgsm",
+        "pgd",
+        "input_gradient_norm",
+        "log10_intrinsic_norm",
+        "max_imbalance_decades",
+        "train_seconds",
+        "collapsed",
+        "seed",
+        "strength",
+    }
     for record in results["runs"]:
         if record["regime"] != "finetune":
             assert keys <= set(record)

@@ -40,8 +40,15 @@ def _save_module(tmp_path: Path, name: str, **kwargs: object) -> Path:
 def test_finetune_writes_model_metrics_and_never_touches_the_input(tmp_path: Path, small_data: Path) -> None:
     model_path = _save_module(tmp_path, "mlp")
     before = _digest(model_path)
-    result = run_finetune(model_path, data=small_data, epochs=2, lr=0.05, batch_size=32, trust_pickle=True,
-                          output=tmp_path / "out" / "mlp.pt")
+    result = run_finetune(
+        model_path,
+        data=small_data,
+        epochs=2,
+        lr=0.05,
+        batch_size=32,
+        trust_pickle=True,
+        output=tmp_path / "out" / "mlp.pt",
+    )
     assert _digest(model_path) == before
     assert result.output.exists() and result.checkpoint.exists()
     tuned = torch.load(result.output, weights_only=False)
@@ -180,8 +187,24 @@ def test_cli_finetune(tmp_path: Path, small_data: Path) -> None:
     model_path = _save_module(tmp_path, "mlp")
     runner = CliRunner()
     output = tmp_path / "cli.pt"
-    result = runner.invoke(app, ["finetune", str(model_path), "--data", str(small_data), "--epochs", "1",
-                                 "--trust-pickle", "--form", "balanced", "--strength", "1e-4", "-o", str(output)])
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            str(model_path),
+            "--data",
+            str(small_data),
+            "--epochs",
+            "1",
+            "--trust-pickle",
+            "--form",
+            "balanced",
+            "--strength",
+            "1e-4",
+            "-o",
+            str(output),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert output.exists() and "before" in result.output and "held-out accuracy" in result.output
     result = runner.invoke(app, ["finetune", str(model_path), "--data", str(tmp_path / "nope"), "--trust-pickle"])
@@ -200,16 +223,37 @@ def test_resume_after_the_process_is_killed(tmp_path: Path, small_data: Path) ->
     from wssi_audit.cli import app
 
     model_path = _save_module(tmp_path, "cnn")
-    options = ["--data", str(small_data), "--epochs", "3", "--batch-size", "64", "--lr", "0.05", "--seed", "3",
-               "--trust-pickle"]
-    reference = run_finetune(model_path, data=small_data, epochs=3, batch_size=64, lr=0.05, seed=3, trust_pickle=True,
-                             output=tmp_path / "ref" / "m.pt")
+    options = [
+        "--data",
+        str(small_data),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "64",
+        "--lr",
+        "0.05",
+        "--seed",
+        "3",
+        "--trust-pickle",
+    ]
+    reference = run_finetune(
+        model_path,
+        data=small_data,
+        epochs=3,
+        batch_size=64,
+        lr=0.05,
+        seed=3,
+        trust_pickle=True,
+        output=tmp_path / "ref" / "m.pt",
+    )
     output = tmp_path / "killed" / "m.pt"
     checkpoint = output.with_name("m.pt.ckpt")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     process = subprocess.Popen(
         [sys.executable, "-m", "wssi_audit", "finetune", str(model_path), *options, "-o", str(output)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
     )
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:

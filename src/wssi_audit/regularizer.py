@@ -87,8 +87,10 @@ class Coverage:
     strength: float
 
     def __str__(self) -> str:
-        lines = [f"WeightScaleRegularizer(form={self.form}, strength={self.strength:g}): "
-                 f"{len(self.covered)} layers covered, {len(self.excluded)} weights excluded"]
+        lines = [
+            f"WeightScaleRegularizer(form={self.form}, strength={self.strength:g}): "
+            f"{len(self.covered)} layers covered, {len(self.excluded)} weights excluded"
+        ]
         for layer in self.covered:
             if layer.carrier != layer.weight:
                 folded = f"folded norm of {layer.weight} with {layer.folded_bn}"
@@ -298,11 +300,14 @@ class WeightScaleRegularizer:
         for i in self._folded:
             layer = units[i].layer
             assert layer.bn is not None
-            self._excluded.append(ExcludedWeight(
-                layer.name, layer.weight,
-                f"feeds BatchNorm '{layer.bn.name}' (scale-free in train mode): the folded norm is "
-                f"penalized through its gamma '{layer.bn.weight}'; this weight keeps its own weight decay",
-            ))
+            self._excluded.append(
+                ExcludedWeight(
+                    layer.name,
+                    layer.weight,
+                    f"feeds BatchNorm '{layer.bn.name}' (scale-free in train mode): the folded norm is "
+                    f"penalized through its gamma '{layer.bn.weight}'; this weight keeps its own weight decay",
+                )
+            )
         # Biases (for the bias term and for attach's no-decay group): own bias, or the BN's beta.
         self._bias_keys: list[str | None] = []
         for unit in units:
@@ -368,9 +373,11 @@ class WeightScaleRegularizer:
             "later": later.to(device, self._dtype),
             "channel_unit": (torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)).to(device),
             "plain_bias_units": torch.tensor(self._plain_bias_units, **long),
-            "eps": torch.cat([
-                torch.full((g.numel(),), e, dtype=self._dtype) for g, e in zip(self._gammas, self._bn_eps)
-            ]).to(device) if self._folded else torch.zeros(0, device=device, dtype=self._dtype),
+            "eps": torch.cat(
+                [torch.full((g.numel(),), e, dtype=self._dtype) for g, e in zip(self._gammas, self._bn_eps)]
+            ).to(device)
+            if self._folded
+            else torch.zeros(0, device=device, dtype=self._dtype),
         }
         self._index_cache[(device, self._dtype)] = cached
         return cached
@@ -459,10 +466,12 @@ class WeightScaleRegularizer:
                 parts["rows1"] = torch.cat([torch.linalg.vector_norm(w, 1, dim=1, dtype=dtype) for w in weights])
             if self.bias_strength > 0:
                 mean = torch.cat([m.running_mean for m in self._bn_modules]).to(device, dtype)
-                conv_bias = torch.cat([
-                    b.detach().to(dtype) if b is not None else g.detach().new_zeros(g.numel(), dtype=dtype)
-                    for b, g in zip(self._folded_conv_bias, self._gammas)
-                ])
+                conv_bias = torch.cat(
+                    [
+                        b.detach().to(dtype) if b is not None else g.detach().new_zeros(g.numel(), dtype=dtype)
+                        for b, g in zip(self._folded_conv_bias, self._gammas)
+                    ]
+                )
                 parts["shift"] = conv_bias.to(device) - mean
         parts["gamma"] = torch.cat([g.to(dtype) for g in self._gammas])
         return parts
@@ -523,8 +532,9 @@ class WeightScaleRegularizer:
             total = self._main(values, index)
             return total + self._extra(index, parts, norms, logn)
 
-    def _extra(self, index: dict[str, torch.Tensor], parts: dict[str, torch.Tensor], norms: torch.Tensor,
-               logn: torch.Tensor) -> torch.Tensor:
+    def _extra(
+        self, index: dict[str, torch.Tensor], parts: dict[str, torch.Tensor], norms: torch.Tensor, logn: torch.Tensor
+    ) -> torch.Tensor:
         """Direction and bias terms (differentiable; zero when their strengths are zero)."""
         total = torch.zeros((), device=self._device, dtype=self._dtype)
         safe = norms.clamp_min(self.min_norm)
@@ -699,4 +709,3 @@ def attach(
 
     handle = optimizer.register_step_pre_hook(hook)
     return RegularizerHandle(reg, optimizer, handle, moved)
-

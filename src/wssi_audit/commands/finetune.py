@@ -41,7 +41,19 @@ def register(app: typer.Typer) -> None:
         from ..training.finetune import run_finetune
 
         run_finetune(
-            model, data=data, epochs=epochs, lr=lr, batch_size=batch_size, strength=strength, form=form,
-            device=device, output=output, resume=resume, seed=seed, arch=arch, trust_pickle=trust_pickle,
-            weight_decay=weight_decay, console=console,
+            model,
+            data=data,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            strength=strength,
+            form=form,
+            device=device,
+            output=output,
+            resume=resume,
+            seed=seed,
+            arch=arch,
+            trust_pickle=trust_pickle,
+            weight_decay=weight_decay,
+            console=console,
         )

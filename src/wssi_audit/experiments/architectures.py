@@ -47,12 +47,19 @@ def vgg(input_shape: tuple[int, ...], classes: int, channels: int = 16) -> nn.Mo
     c = channels
     spatial = math.prod(input_shape[1:]) // (16 if two_d else 4)
     return nn.Sequential(
-        conv(input_shape[0], c, 3, padding=1), nn.ReLU(),
-        conv(c, c, 3, padding=1), nn.ReLU(), pool(2),
-        conv(c, 2 * c, 3, padding=1), nn.ReLU(),
-        conv(2 * c, 2 * c, 3, padding=1), nn.ReLU(), pool(2),
+        conv(input_shape[0], c, 3, padding=1),
+        nn.ReLU(),
+        conv(c, c, 3, padding=1),
+        nn.ReLU(),
+        pool(2),
+        conv(c, 2 * c, 3, padding=1),
+        nn.ReLU(),
+        conv(2 * c, 2 * c, 3, padding=1),
+        nn.ReLU(),
+        pool(2),
         nn.Flatten(),
-        nn.Linear(2 * c * spatial, 64), nn.ReLU(),
+        nn.Linear(2 * c * spatial, 64),
+        nn.ReLU(),
         nn.Linear(64, classes),
     )
 

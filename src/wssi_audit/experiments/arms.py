@@ -60,8 +60,9 @@ def _chain_groups(structure: Structure, weights: dict[str, nn.Parameter]) -> lis
     return groups
 
 
-def local_penalty(net: nn.Module, example: torch.Tensor, form: str, strength: float,
-                  guard_decades: float | None = None) -> Penalty:
+def local_penalty(
+    net: nn.Module, example: torch.Tensor, form: str, strength: float, guard_decades: float | None = None
+) -> Penalty:
     """Reference penalty, per chain c with log N_c = sum_l log ||W_l||_F:
     `log`: strength * sum_c log N_c;  `balanced`: strength * sum_c L_c N_c^(2/L_c);
     `log_guard`: strength * sum_c max(log N_c, log N_c(init) - guard_decades * ln 10).
@@ -109,8 +110,10 @@ def make_penalty(
     if arm.name not in INVARIANT_ARMS:
         return None, ""
     net = model.net if hasattr(model, "net") else model
-    if arm.name == "log_guard" or implementation == "local" or (
-        implementation == "auto" and not shared_regularizer_available()
+    if (
+        arm.name == "log_guard"
+        or implementation == "local"
+        or (implementation == "auto" and not shared_regularizer_available())
     ):
         return local_penalty(net, example, arm.name, arm.strength), "local"
     from ..regularizer import WeightScaleRegularizer

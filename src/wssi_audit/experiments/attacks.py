@@ -28,8 +28,13 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torc
 
 
 def pgd(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-    steps: int = PGD_STEPS, step_size: float | None = None, generator: torch.Generator | None = None,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    steps: int = PGD_STEPS,
+    step_size: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Linf PGD with a uniform random start, `steps` signed steps, projection onto the eps-ball
     and [0, 1]; one restart."""
@@ -50,8 +55,13 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 
 
 def evaluate_robustness(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_values: list[float],
-    steps: int = PGD_STEPS, seed: int = 0, batch_size: int = 1024,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps_values: list[float],
+    steps: int = PGD_STEPS,
+    seed: int = 0,
+    batch_size: int = 1024,
 ) -> dict[str, object]:
     """Clean accuracy, FGSM and PGD robust accuracy for every eps, and the mean input-gradient
     norm ||d CE / d x||_2 (input space [0, 1]). The model is put in eval mode."""
@@ -61,7 +71,7 @@ def evaluate_robustness(
     fgsm_parts: dict[float, list[torch.Tensor]] = {e: [] for e in eps_values}
     pgd_parts: dict[float, list[torch.Tensor]] = {e: [] for e in eps_values}
     for start in range(0, len(y), batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
         clean = _correct(model, xb, yb)
         clean_parts.append(clean)
         grad_norms.append(_input_gradient(model, xb, yb).flatten(1).norm(dim=1))
@@ -78,7 +88,12 @@ def evaluate_robustness(
         "pgd": {f"{eps:g}": accuracy(pgd_parts[eps]) for eps in eps_values},
         "input_gradient_norm": float(torch.cat(grad_norms).mean()),
         "attack": {
-            "threat_model": "Linf", "pgd_steps": steps, "pgd_step_size": f"{PGD_STEP_FACTOR}*eps/{steps}",
-            "restarts": 1, "random_start": True, "seed": seed, "examples": len(y),
+            "threat_model": "Linf",
+            "pgd_steps": steps,
+            "pgd_step_size": f"{PGD_STEP_FACTOR}*eps/{steps}",
+            "restarts": 1,
+            "random_start": True,
+            "seed": seed,
+            "examples": len(y),
         },
     }

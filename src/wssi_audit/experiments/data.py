@@ -45,8 +45,14 @@ def _stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator) 
 
 
 def _finish(
-    name: str, x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-    subsample: float, classes: int, val_fraction: float = 0.2,
+    name: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    subsample: float,
+    classes: int,
+    val_fraction: float = 0.2,
 ) -> Dataset:
     rng = np.random.default_rng(SPLIT_SEED)
     val_index, train_index = _stratified_split(y, val_fraction, rng)
@@ -59,10 +65,15 @@ def _finish(
 
     return Dataset(
         name=name if subsample >= 1.0 else f"{name}@{subsample:g}",
-        x_train=tensor(x_train), y_train=torch.as_tensor(y[train_index], dtype=torch.long),
-        x_val=tensor(x[val_index]), y_val=torch.as_tensor(y[val_index], dtype=torch.long),
-        x_test=tensor(x_test), y_test=torch.as_tensor(y_test, dtype=torch.long),
-        classes=classes, mean=float(x_train.mean()), std=float(x_train.std()),
+        x_train=tensor(x_train),
+        y_train=torch.as_tensor(y[train_index], dtype=torch.long),
+        x_val=tensor(x[val_index]),
+        y_val=torch.as_tensor(y[val_index], dtype=torch.long),
+        x_test=tensor(x_test),
+        y_test=torch.as_tensor(y_test, dtype=torch.long),
+        classes=classes,
+        mean=float(x_train.mean()),
+        std=float(x_train.std()),
     )
 
 

@@ -31,8 +31,12 @@ def paired_bootstrap(a: list[float], b: list[float], resamples: int = 10_000, se
         return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
     rng = random.Random(seed)
     means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
-    return {"mean": statistics.fmean(diffs), "low": means[int(0.025 * resamples)],
-            "high": means[int(0.975 * resamples) - 1], "n": len(diffs)}
+    return {
+        "mean": statistics.fmean(diffs),
+        "low": means[int(0.025 * resamples)],
+        "high": means[int(0.975 * resamples) - 1],
+        "n": len(diffs),
+    }
 
 
 def middle_eps(config: ExperimentConfig) -> str:
@@ -66,8 +70,9 @@ def _arm_stats(rs: list[Record], eps: list[str]) -> dict[str, Any]:
     return stats
 
 
-def analyse_sweep(runs: list[Record], regime: str, selection: dict[tuple[str, str, str], dict[str, float]],
-                  config: ExperimentConfig) -> dict[str, Any]:
+def analyse_sweep(
+    runs: list[Record], regime: str, selection: dict[tuple[str, str, str], dict[str, float]], config: ExperimentConfig
+) -> dict[str, Any]:
     """Per cell: the sweep (every arm x strength) and the selected arms with paired bootstraps."""
     eps = [f"{e:g}" for e in config.eps if e > 0]
     mid = middle_eps(config)
@@ -75,8 +80,9 @@ def analyse_sweep(runs: list[Record], regime: str, selection: dict[tuple[str, st
     for (dataset, arch), rs in _group([r for r in runs if r["regime"] == regime], "dataset", "arch").items():
         sweep = {
             f"{arm}={strength:g}": _arm_stats(group, eps)
-            for (arm, strength), group in sorted(_group(rs, "arm", "strength").items(),
-                                                 key=lambda kv: (ARM_ORDER.index(kv[0][0]), kv[0][1]))
+            for (arm, strength), group in sorted(
+                _group(rs, "arm", "strength").items(), key=lambda kv: (ARM_ORDER.index(kv[0][0]), kv[0][1])
+            )
         }
         chosen = selection.get((regime, dataset, arch), {})
         selected: dict[str, Any] = {}
@@ -122,7 +128,10 @@ def analyse_shift(runs: list[Record], regime: str = "shift") -> dict[str, Any]:
                     if r["shift"] >= 0 and "_predictions" in r:
                         disagreements.append(sum(p != q for p, q in zip(r["_predictions"], ref)) / len(ref))
         out[f"{arch}/{arm}" if regime == "shift" else f"{arch}/{arm}={strength:g}"] = {
-            "arch": arch, "arm": arm, "strength": strength, "runs": len(rs),
+            "arch": arch,
+            "arm": arm,
+            "strength": strength,
+            "runs": len(rs),
             "collapsed": sum(bool(r["collapsed"]) for r in rs),
             "test_accuracy": mean_std(accuracies),
             "within_function_std": mean_std(spreads),
@@ -130,10 +139,12 @@ def analyse_shift(runs: list[Record], regime: str = "shift") -> dict[str, Any]:
             "within_function_pgd_std": mean_std(pgd_spreads),
             "disagreement_with_unshifted": mean_std(disagreements),
             "final_imbalance": mean_std([r["max_imbalance_decades"] for r in rs if r["shift"] >= 0]),
-            "log10_intrinsic_norm_std_across_shifts": mean_std([
-                statistics.pstdev([r["log10_intrinsic_norm"] for r in group])
-                for _, group in _group(rs, "seed").items()
-            ]),
+            "log10_intrinsic_norm_std_across_shifts": mean_std(
+                [
+                    statistics.pstdev([r["log10_intrinsic_norm"] for r in group])
+                    for _, group in _group(rs, "seed").items()
+                ]
+            ),
             "unshifted_final_imbalance": mean_std([r["max_imbalance_decades"] for r in rs if r["shift"] < 0]),
         }
     return out
@@ -150,7 +161,9 @@ def analyse_finetune(runs: list[Record]) -> dict[str, Any]:
             ref = next(r for r in group if r["shift"] < 0)
             gaps += [abs(r["test_accuracy"] - ref["test_accuracy"]) for r in group if r["shift"] >= 0]
         out[f"{arch}/{arm}"] = {
-            "arch": arch, "arm": arm, "strength": rs[0]["strength"],
+            "arch": arch,
+            "arm": arm,
+            "strength": rs[0]["strength"],
             "base_test_accuracy": mean_std([r["base_test_accuracy"] for r in unshifted]),
             "unshifted_test_accuracy": mean_std([r["test_accuracy"] for r in unshifted]),
             "shifted_test_accuracy": mean_std([r["test_accuracy"] for r in shifted]),
@@ -159,26 +172,39 @@ def analyse_finetune(runs: list[Record]) -> dict[str, Any]:
             "unshifted_disagreement_with_base": mean_std([r["disagreement_with_base"] for r in unshifted]),
             "shifted_disagreement_with_base": mean_std([r["disagreement_with_base"] for r in shifted]),
             "shift_changed_predictions_max": max((r["shift_changed_predictions"] for r in shifted), default=0.0),
-            "collapsed": sum(bool(r["collapsed"]) for r in rs), "runs": len(rs),
+            "collapsed": sum(bool(r["collapsed"]) for r in rs),
+            "runs": len(rs),
             "shifted_final_imbalance": mean_std([r["max_imbalance_decades"] for r in shifted]),
         }
     return out
 
 
-def dump_raw(runs: list[Record], selection: dict[tuple[str, str, str], dict[str, float]],
-             config: ExperimentConfig, extra: dict[str, Any] | None = None) -> Path:
+def dump_raw(
+    runs: list[Record],
+    selection: dict[tuple[str, str, str], dict[str, float]],
+    config: ExperimentConfig,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Every record (predictions included) to build/experiment-raw-<grid>.json, so the tables and
     plots can be rebuilt (`rebuild`) without rerunning the grid."""
     path = Path("build") / f"experiment-raw-{config.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    document = {"config": config.to_dict(), "selection": [[list(k), v] for k, v in selection.items()],
-                "runs": runs, **(extra or {})}
+    document = {
+        "config": config.to_dict(),
+        "selection": [[list(k), v] for k, v in selection.items()],
+        "runs": runs,
+        **(extra or {}),
+    }
     path.write_text(json.dumps(document, default=str))
     return path
 
 
-def analyse(runs: list[Record], selection: dict[tuple[str, str, str], dict[str, float]],
-            config: ExperimentConfig, dump: bool = True) -> dict[str, Any]:
+def analyse(
+    runs: list[Record],
+    selection: dict[tuple[str, str, str], dict[str, float]],
+    config: ExperimentConfig,
+    dump: bool = True,
+) -> dict[str, Any]:
     """All summaries of a grid (with `dump`, the raw records are saved first, see `dump_raw`)."""
     try:
         if dump:
@@ -186,9 +212,23 @@ def analyse(runs: list[Record], selection: dict[tuple[str, str, str], dict[str, 
     except Exception as error:
         print(f"could not save the raw records: {error}")
     collapsed = [
-        {k: r[k] for k in ("regime", "dataset", "arch", "arm", "strength", "seed", "shift", "test_accuracy",
-                           "min_layer_log10_norm", "diverged")}
-        for r in runs if r.get("collapsed")
+        {
+            k: r[k]
+            for k in (
+                "regime",
+                "dataset",
+                "arch",
+                "arm",
+                "strength",
+                "seed",
+                "shift",
+                "test_accuracy",
+                "min_layer_log10_norm",
+                "diverged",
+            )
+        }
+        for r in runs
+        if r.get("collapsed")
     ]
     return {
         "sgd": analyse_sweep(runs, "sgd", selection, config),
@@ -225,96 +265,142 @@ def sweep_markdown(cells: dict[str, Any], config: ExperimentConfig, title: str) 
     eps = [f"{e:g}" for e in config.eps if e > 0]
     mid = middle_eps(config)
     lines = [f"### {title}: selected strengths (validation), test set", ""]
-    header = ["cell", "arm", "strength", "test acc %"] + [f"PGD {e} %" for e in eps] + [f"FGSM {mid} %",
-              "‖∇x CE‖", "log10 N", "imbalance (dec)", "collapsed", "train s"]
+    header = (
+        ["cell", "arm", "strength", "test acc %"]
+        + [f"PGD {e} %" for e in eps]
+        + [f"FGSM {mid} %", "‖∇x CE‖", "log10 N", "imbalance (dec)", "collapsed", "train s"]
+    )
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for cell, data in cells.items():
         for arm, s in data["selected"].items():
             row = [cell, arm, f"{s['strength']:g}" if arm != "none" else "-", _pct(s["test_accuracy"])]
             row += [_pct(s[f"pgd_{e}"]) for e in eps]
-            row += [_pct(s[f"fgsm_{mid}"]), _num(s["input_gradient_norm"]), _num(s["log10_intrinsic_norm"]),
-                    _num(s["max_imbalance_decades"]), f"{s['collapsed']}/{s['seeds']}", f"{s['train_seconds'][0]:.1f}"]
+            row += [
+                _pct(s[f"fgsm_{mid}"]),
+                _num(s["input_gradient_norm"]),
+                _num(s["log10_intrinsic_norm"]),
+                _num(s["max_imbalance_decades"]),
+                f"{s['collapsed']}/{s['seeds']}",
+                f"{s['train_seconds'][0]:.1f}",
+            ]
             lines.append("| " + " | ".join(row) + " |")
-    lines += ["", f"Paired bootstrap (over seeds, 95 % interval) of invariant arm minus the selected weight decay, "
-              f"in accuracy points (test accuracy; PGD eps={mid}):", "",
-              "| cell | comparison | Δ test acc | Δ PGD acc |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"Paired bootstrap (over seeds, 95 % interval) of invariant arm minus the selected weight decay, "
+        f"in accuracy points (test accuracy; PGD eps={mid}):",
+        "",
+        "| cell | comparison | Δ test acc | Δ PGD acc |",
+        "|---|---|---|---|",
+    ]
     for cell, data in cells.items():
         for name, comp in data["comparisons"].items():
             lines.append(f"| {cell} | {name} | {_ci(comp['test_accuracy'])} | {_ci(comp[f'pgd_{mid}'])} |")
-    lines += ["", f"<details><summary>{title}: full sweep (mean over seeds; strength selected on validation)"
-              "</summary>", "", "| cell | arm | val acc % | test acc % | PGD " + mid + " % | collapsed |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"<details><summary>{title}: full sweep (mean over seeds; strength selected on validation)</summary>",
+        "",
+        "| cell | arm | val acc % | test acc % | PGD " + mid + " % | collapsed |",
+        "|---|---|---|---|---|---|",
+    ]
     for cell, data in cells.items():
         for label, s in data["sweep"].items():
-            lines.append(f"| {cell} | {label} | {_pct(s['val_accuracy'])} | {_pct(s['test_accuracy'])} | "
-                         f"{_pct(s[f'pgd_{mid}'])} | {s['collapsed']}/{s['seeds']} |")
+            lines.append(
+                f"| {cell} | {label} | {_pct(s['val_accuracy'])} | {_pct(s['test_accuracy'])} | "
+                f"{_pct(s[f'pgd_{mid}'])} | {s['collapsed']}/{s['seeds']} |"
+            )
     lines += ["", "</details>", ""]
     return lines
 
 
 def markdown(results: dict[str, Any], config: ExperimentConfig, plots: list[str]) -> str:
     a, demo, machine = results["analysis"], results["demo"], results["machine"]
-    lines = [BEGIN, "", f"_Generated by `benchmarks/experiment.py` (grid `{config.name}`) in "
-             f"{results['seconds'] / 60:.1f} min on {machine['nproc']} × {machine['cpu']}, torch {machine['torch']}"
-             f"{', ' + machine['gpu'] if 'gpu' in machine else ''}; device `{config.device}`; "
-             f"penalty implementation: {', '.join(a['penalty_implementations']) or 'n/a'}._", ""]
-    lines += ["### Core argument on a trained model", "",
-              f"{demo['model']}; random shift with log10 g_l = {demo['log10_factors']}.", "",
-              "| quantity | before | after | change |", "|---|---|---|---|",
-              f"| max \\|logit\\| / max \\|Δ logit\\| | {demo['max_abs_logit']:.3g} | | "
-              f"{demo['max_abs_logit_change']:.2e} |",
-              f"| weight-decay penalty Σ‖W‖² | {demo['weight_decay_penalty']['before']:.4g} | "
-              f"{demo['weight_decay_penalty']['after']:.4g} | × {demo['weight_decay_penalty']['factor']:.3g} |",
-              f"| imbalance (decades) | {demo['imbalance_decades']['before']:.3f} | "
-              f"{demo['imbalance_decades']['after']:.3f} | |"]
+    lines = [
+        BEGIN,
+        "",
+        f"_Generated by `benchmarks/experiment.py` (grid `{config.name}`) in "
+        f"{results['seconds'] / 60:.1f} min on {machine['nproc']} × {machine['cpu']}, torch {machine['torch']}"
+        f"{', ' + machine['gpu'] if 'gpu' in machine else ''}; device `{config.device}`; "
+        f"penalty implementation: {', '.join(a['penalty_implementations']) or 'n/a'}._",
+        "",
+    ]
+    lines += [
+        "### Core argument on a trained model",
+        "",
+        f"{demo['model']}; random shift with log10 g_l = {demo['log10_factors']}.",
+        "",
+        "| quantity | before | after | change |",
+        "|---|---|---|---|",
+        f"| max \\|logit\\| / max \\|Δ logit\\| | {demo['max_abs_logit']:.3g} | | {demo['max_abs_logit_change']:.2e} |",
+        f"| weight-decay penalty Σ‖W‖² | {demo['weight_decay_penalty']['before']:.4g} | "
+        f"{demo['weight_decay_penalty']['after']:.4g} | × {demo['weight_decay_penalty']['factor']:.3g} |",
+        f"| imbalance (decades) | {demo['imbalance_decades']['before']:.3f} | "
+        f"{demo['imbalance_decades']['after']:.3f} | |",
+    ]
     for name, p in demo["invariant_penalties"].items():
-        lines.append(f"| {name} penalty (strength 1) | {p['before']:.10g} | {p['after']:.10g} | "
-                     f"rel. {p['relative_change']:.1e} |")
+        lines.append(
+            f"| {name} penalty (strength 1) | {p['before']:.10g} | {p['after']:.10g} | "
+            f"rel. {p['relative_change']:.1e} |"
+        )
     lines.append("")
     lines += sweep_markdown(a["sgd"], config, "Regime 1 — standard init, SGD (momentum 0.9)")
     if a["adam"]:
         lines += sweep_markdown(a["adam"], config, "Regime 3 — Adam; `wd` = AdamW decoupled decay")
     if a["shift"]:
-        lines += ["### Regime 2 — one function, several function-preserving shifts (digits, SGD)", "",
-                  f"Per seed: the unshifted init and {_shift_counts(config)} random shifts of it (log10 g_l uniform "
-                  f"in ±{config.shift_decades:g}, recentred), each trained with the arm; spread over those "
-                  "parametrizations (test accuracy, PGD accuracy at eps 0.05), then mean ± std over seeds.", "",
-                  "| arch | arm | strength | test acc % | std across shifts (pts) | range across shifts (pts) | "
-                  "PGD std (pts) | predictions ≠ unshifted % | final imbalance shifted / unshifted | collapsed |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "### Regime 2 — one function, several function-preserving shifts (digits, SGD)",
+            "",
+            f"Per seed: the unshifted init and {_shift_counts(config)} random shifts of it (log10 g_l uniform "
+            f"in ±{config.shift_decades:g}, recentred), each trained with the arm; spread over those "
+            "parametrizations (test accuracy, PGD accuracy at eps 0.05), then mean ± std over seeds.",
+            "",
+            "| arch | arm | strength | test acc % | std across shifts (pts) | range across shifts (pts) | "
+            "PGD std (pts) | predictions ≠ unshifted % | final imbalance shifted / unshifted | collapsed |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for s in sorted(a["shift"].values(), key=lambda s: (s["arch"], ARM_ORDER.index(s["arm"]))):
             lines.append(
                 f"| {s['arch']} | {s['arm']} | {s['strength']:g} | {_pct(s['test_accuracy'])} | "
                 f"{_pct(s['within_function_std'])} | {_pct(s['within_function_range'])} | "
                 f"{_pct(s['within_function_pgd_std'])} | {_pct(s['disagreement_with_unshifted'])} | "
                 f"{s['final_imbalance'][0]:.2f} / {s['unshifted_final_imbalance'][0]:.2f} | "
-                f"{s['collapsed']}/{s['runs']} |")
+                f"{s['collapsed']}/{s['runs']} |"
+            )
         lines.append("")
     if a.get("shift_eq"):
-        lines += ["### Regime 2b — the same shifts, with shift-equivariant learning rates (digits)", "",
-                  "As regime 2, but each parameter's SGD learning rate is multiplied by g_l² (weights) or c_l² "
-                  "(biases) of its shift, which makes SGD with momentum exactly equivariant: the shifted run "
-                  "follows the shift of the unshifted run, for the loss and any shift-invariant penalty. Only "
-                  "the regularizer can then make the outcome depend on the shift. Strengths: the ones selected "
-                  "in regime 1 and a stronger one.", "",
-                  "| arch | arm | strength | test acc % | std across shifts (pts) | PGD std (pts) | "
-                  "predictions ≠ unshifted % | std of log10 N across shifts | collapsed |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "### Regime 2b — the same shifts, with shift-equivariant learning rates (digits)",
+            "",
+            "As regime 2, but each parameter's SGD learning rate is multiplied by g_l² (weights) or c_l² "
+            "(biases) of its shift, which makes SGD with momentum exactly equivariant: the shifted run "
+            "follows the shift of the unshifted run, for the loss and any shift-invariant penalty. Only "
+            "the regularizer can then make the outcome depend on the shift. Strengths: the ones selected "
+            "in regime 1 and a stronger one.",
+            "",
+            "| arch | arm | strength | test acc % | std across shifts (pts) | PGD std (pts) | "
+            "predictions ≠ unshifted % | std of log10 N across shifts | collapsed |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for s in sorted(a["shift_eq"].values(), key=lambda s: (s["arch"], ARM_ORDER.index(s["arm"]), s["strength"])):
             lines.append(
                 f"| {s['arch']} | {s['arm']} | {s['strength']:g} | {_pct(s['test_accuracy'])} | "
                 f"{_pct(s['within_function_std'])} | {_pct(s['within_function_pgd_std'])} | "
                 f"{_pct(s['disagreement_with_unshifted'])} | {_num(s['log10_intrinsic_norm_std_across_shifts'], 3)} | "
-                f"{s['collapsed']}/{s['runs']} |")
+                f"{s['collapsed']}/{s['runs']} |"
+            )
         lines.append("")
     if a["finetune"]:
-        lines += ["### Regime 4 — fine-tuning a trained model after a function-preserving shift (digits)", "",
-                  f"Base: trained without regularizer; fine-tuned {config.finetune_epochs} epochs, SGD lr "
-                  f"{config.finetune_lr:g}, from the base itself and from {_shift_counts(config)} shifts of it "
-                  "(the shifts change no prediction before fine-tuning).", "",
-                  "| arch | arm | strength | base acc % | fine-tuned, unshifted % | fine-tuned, shifted % | "
-                  "\\|acc gap\\| (pts) | predictions ≠ unshifted fine-tune % | ≠ base: unshifted / shifted % | "
-                  "collapsed |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "### Regime 4 — fine-tuning a trained model after a function-preserving shift (digits)",
+            "",
+            f"Base: trained without regularizer; fine-tuned {config.finetune_epochs} epochs, SGD lr "
+            f"{config.finetune_lr:g}, from the base itself and from {_shift_counts(config)} shifts of it "
+            "(the shifts change no prediction before fine-tuning).",
+            "",
+            "| arch | arm | strength | base acc % | fine-tuned, unshifted % | fine-tuned, shifted % | "
+            "\\|acc gap\\| (pts) | predictions ≠ unshifted fine-tune % | ≠ base: unshifted / shifted % | "
+            "collapsed |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for s in sorted(a["finetune"].values(), key=lambda s: (s["arch"], ARM_ORDER.index(s["arm"]))):
             lines.append(
                 f"| {s['arch']} | {s['arm']} | {s['strength']:g} | {_pct(s['base_test_accuracy'])} | "
@@ -322,11 +408,16 @@ def markdown(results: dict[str, Any], config: ExperimentConfig, plots: list[str]
                 f"{_pct(s['abs_accuracy_gap'])} | {_pct(s['disagreement_with_unshifted'])} | "
                 f"{100 * s['unshifted_disagreement_with_base'][0]:.1f} / "
                 f"{100 * s['shifted_disagreement_with_base'][0]:.1f}"
-                f" | {s['collapsed']}/{s['runs']} |")
+                f" | {s['collapsed']}/{s['runs']} |"
+            )
         lines.append("")
     collapsed = a["collapsed_runs"]
-    lines += ["### Collapsed runs", "", f"{len(collapsed)} of {len(results['runs'])} runs collapsed "
-              "(test accuracy within 10 points of chance, a non-finite loss, or a layer norm below 1e-3)."]
+    lines += [
+        "### Collapsed runs",
+        "",
+        f"{len(collapsed)} of {len(results['runs'])} runs collapsed "
+        "(test accuracy within 10 points of chance, a non-finite loss, or a layer norm below 1e-3).",
+    ]
     counts: dict[tuple[str, str, str, str], int] = defaultdict(int)
     for r in collapsed:
         counts[(r["regime"], f"{r['dataset']}/{r['arch']}", r["arm"], f"{r['strength']:g}")] += 1
@@ -386,18 +477,26 @@ def make_plots(results: dict[str, Any], config: ExperimentConfig, directory: Pat
             sweep = cells[cell]["sweep"]
             none = sweep.get("none=0")
             for arm in ARM_ORDER[1:]:
-                points = sorted((float(label.split("=")[1]), s) for label, s in sweep.items()
-                                if label.split("=")[0] == arm)
+                points = sorted(
+                    (float(label.split("=")[1]), s) for label, s in sweep.items() if label.split("=")[0] == arm
+                )
                 if points:
-                    ax.errorbar([p[0] for p in points], [100 * p[1]["val_accuracy"][0] for p in points],
-                                yerr=[100 * p[1]["val_accuracy"][1] for p in points], marker="o", ms=3,
-                                label=arm, color=ARM_COLORS[arm], capsize=2)
+                    ax.errorbar(
+                        [p[0] for p in points],
+                        [100 * p[1]["val_accuracy"][0] for p in points],
+                        yerr=[100 * p[1]["val_accuracy"][1] for p in points],
+                        marker="o",
+                        ms=3,
+                        label=arm,
+                        color=ARM_COLORS[arm],
+                        capsize=2,
+                    )
             if none:
                 ax.axhline(100 * none["val_accuracy"][0], color=ARM_COLORS["none"], ls="--", lw=1, label="none")
             ax.set_xscale("log")
             ax.set_title(cell, fontsize=9)
             ax.tick_params(labelsize=7)
-        for ax in list(axes_grid.flat)[len(names):]:
+        for ax in list(axes_grid.flat)[len(names) :]:
             ax.axis("off")
         axes_grid[0][0].set_ylabel("validation acc %")
         axes_grid[0][0].legend(fontsize=6)
@@ -421,7 +520,7 @@ def make_plots(results: dict[str, Any], config: ExperimentConfig, directory: Pat
                 ax.plot(eps, ys, marker="o", ms=3, label=arm, color=ARM_COLORS[arm])
             ax.set_title(cell, fontsize=9)
             ax.tick_params(labelsize=7)
-        for ax in list(axes_grid.flat)[len(names):]:
+        for ax in list(axes_grid.flat)[len(names) :]:
             ax.axis("off")
         axes_grid[0][0].set_ylabel("PGD accuracy %")
         axes_grid[0][0].legend(fontsize=6)
@@ -432,33 +531,42 @@ def make_plots(results: dict[str, Any], config: ExperimentConfig, directory: Pat
         plt.close(fig)
         paths.append(path)
 
-    titles = {"shift": "Regime 2: same function, shifted inits (SGD)",
-              "shift_eq": "Regime 2b: shifted inits, equivariant SGD",
-              "finetune": "Regime 4: fine-tuning after a shift"}
-    for regime, key, ylabel in (("shift", "disagreement_with_unshifted", "predictions ≠ unshifted run %"),
-                                ("shift_eq", "disagreement_with_unshifted", "predictions ≠ unshifted run %"),
-                                ("finetune", "disagreement_with_unshifted", "predictions ≠ unshifted fine-tune %")):
+    titles = {
+        "shift": "Regime 2: same function, shifted inits (SGD)",
+        "shift_eq": "Regime 2b: shifted inits, equivariant SGD",
+        "finetune": "Regime 4: fine-tuning after a shift",
+    }
+    for regime, key, ylabel in (
+        ("shift", "disagreement_with_unshifted", "predictions ≠ unshifted run %"),
+        ("shift_eq", "disagreement_with_unshifted", "predictions ≠ unshifted run %"),
+        ("finetune", "disagreement_with_unshifted", "predictions ≠ unshifted fine-tune %"),
+    ):
         stats = a.get(regime)
         if not stats:
             continue
         archs = sorted({s["arch"] for s in stats.values()})
-        variants = sorted({(s["arm"], s["strength"]) for s in stats.values()},
-                          key=lambda v: (ARM_ORDER.index(v[0]), v[1]))
+        variants = sorted(
+            {(s["arm"], s["strength"]) for s in stats.values()}, key=lambda v: (ARM_ORDER.index(v[0]), v[1])
+        )
         fig, ax = plt.subplots(figsize=(2.6 + 0.5 * len(archs) * len(variants), 3.4))
         width = 0.8 / len(variants)
         for k, (arm, strength) in enumerate(variants):
             xs, ys, es = [], [], []
             for i, arch in enumerate(archs):
-                s = next((s for s in stats.values() if (s["arch"], s["arm"], s["strength"]) == (arch, arm, strength)),
-                         None)
+                s = next(
+                    (s for s in stats.values() if (s["arch"], s["arm"], s["strength"]) == (arch, arm, strength)), None
+                )
                 if s:
                     xs.append(i + (k - (len(variants) - 1) / 2) * width)
                     ys.append(100 * s[key][0])
                     es.append(100 * s[key][1])
             if xs:
                 label = arm if arm == "none" else f"{arm} {strength:g}"
-                alpha = 1.0 if sum(v[0] == arm for v in variants) == 1 or strength == min(
-                    v[1] for v in variants if v[0] == arm) else 0.55
+                alpha = (
+                    1.0
+                    if sum(v[0] == arm for v in variants) == 1 or strength == min(v[1] for v in variants if v[0] == arm)
+                    else 0.55
+                )
                 ax.bar(xs, ys, width, yerr=es, label=label, color=ARM_COLORS[arm], alpha=alpha, capsize=2)
         ax.set_xticks(range(len(archs)), archs)
         ax.set_ylabel(ylabel, fontsize=8)
@@ -480,7 +588,8 @@ def write_outputs(results: dict[str, Any], config: ExperimentConfig) -> None:
     runs = results["runs"]
     for regime in sorted({r["regime"] for r in runs}):
         (directory / f"runs_{regime}.json").write_text(
-            "[\n" + ",\n".join(json.dumps(r, separators=(",", ":")) for r in runs if r["regime"] == regime) + "\n]\n")
+            "[\n" + ",\n".join(json.dumps(r, separators=(",", ":")) for r in runs if r["regime"] == regime) + "\n]\n"
+        )
     summary = {k: v for k, v in results.items() if k != "runs"}
     (directory / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     plots = make_plots(results, config, directory)
@@ -505,8 +614,9 @@ def rebuild(raw_path: str | Path, summary_path: str | Path, config: ExperimentCo
     raw = json.loads(Path(raw_path).read_text())
     summary = json.loads(Path(summary_path).read_text())
     if config is None:
-        config = ExperimentConfig(**{k: v for k, v in raw["config"].items()
-                                     if k in ExperimentConfig.__dataclass_fields__})
+        config = ExperimentConfig(
+            **{k: v for k, v in raw["config"].items() if k in ExperimentConfig.__dataclass_fields__}
+        )
     selection = {tuple(k): v for k, v in raw["selection"]}
     runs = raw["runs"]
     results: dict[str, Any] = {key: summary[key] for key in ("config", "machine", "demo", "selection", "seconds")}

@@ -107,25 +107,46 @@ def default_config() -> ExperimentConfig:
     if mnist1d_available():
         cells += [("mnist1d", 1.0, "mlp")]
     return ExperimentConfig(
-        name="default", cells=cells, epochs=40, epochs_large=20, strengths=dict(SGD_STRENGTHS),
+        name="default",
+        cells=cells,
+        epochs=40,
+        epochs_large=20,
+        strengths=dict(SGD_STRENGTHS),
         arch_strengths={"resnet_nobn": dict(RESNET_STRENGTHS), "resnet_bn": dict(RESNET_STRENGTHS)},
-        adam_strengths=dict(ADAM_STRENGTHS), guard_cells=["mlp"], probe_strengths=dict(PROBE_STRENGTHS),
-        adam_archs=["mlp"], shift_archs=["mlp", "vgg"], arch_shifts={"vgg": 2},
-        equivariant_archs=["mlp", "vgg"], equivariant_strengths={"wd": 2e-3, "log": 2e-2, "balanced": 2e-4},
+        adam_strengths=dict(ADAM_STRENGTHS),
+        guard_cells=["mlp"],
+        probe_strengths=dict(PROBE_STRENGTHS),
+        adam_archs=["mlp"],
+        shift_archs=["mlp", "vgg"],
+        arch_shifts={"vgg": 2},
+        equivariant_archs=["mlp", "vgg"],
+        equivariant_strengths={"wd": 2e-3, "log": 2e-2, "balanced": 2e-4},
     )
 
 
 def quick_config() -> ExperimentConfig:
     """A smoke test (about 1-2 minutes): every regime, tiny grid, 2 seeds, few epochs."""
     return ExperimentConfig(
-        name="quick", cells=[("digits", 1.0, "mlp"), ("digits", 0.2, "vgg")], seeds=2, sweep_seeds=1, epochs=15,
+        name="quick",
+        cells=[("digits", 1.0, "mlp"), ("digits", 0.2, "vgg")],
+        seeds=2,
+        sweep_seeds=1,
+        epochs=15,
         epochs_large=5,
         strengths={"wd": [5e-4], "log": [6e-3], "balanced": [2e-4]},
         adam_strengths={"wd": [1e-2], "log": [6e-3], "balanced": [2e-4]},
-        guard_cells=["mlp"], probe_strengths={"log": [2e-1]}, adam_archs=["mlp"], shift_archs=["mlp"], shifts=2,
-        equivariant_archs=["mlp"], equivariant_strengths={"wd": 2e-3},
+        guard_cells=["mlp"],
+        probe_strengths={"log": [2e-1]},
+        adam_archs=["mlp"],
+        shift_archs=["mlp"],
+        shifts=2,
+        equivariant_archs=["mlp"],
+        equivariant_strengths={"wd": 2e-3},
         finetune_epochs=3,
-        eps=[0.0, 0.05], pgd_steps=5, output="build/experiment-quick", markdown="build/experiment-quick/results.md",
+        eps=[0.0, 0.05],
+        pgd_steps=5,
+        output="build/experiment-quick",
+        markdown="build/experiment-quick/results.md",
     )
 
 
@@ -137,9 +158,21 @@ def large_config(device: str) -> ExperimentConfig:
     if mnist1d_available():
         cells.append(("mnist1d", 1.0, "vgg"))
     return replace(
-        config, name="large", cells=cells, epochs=60, epochs_large=30, seeds=10, sweep_seeds=3, device=device,
-        workers=4, shifts=6, arch_shifts={}, arch_strengths={}, adam_archs=["mlp", "vgg", "resnet_nobn"],
-        shift_archs=["mlp", "vgg"], guard_cells=["mlp", "vgg"],
+        config,
+        name="large",
+        cells=cells,
+        epochs=60,
+        epochs_large=30,
+        seeds=10,
+        sweep_seeds=3,
+        device=device,
+        workers=4,
+        shifts=6,
+        arch_shifts={},
+        arch_strengths={},
+        adam_archs=["mlp", "vgg", "resnet_nobn"],
+        shift_archs=["mlp", "vgg"],
+        guard_cells=["mlp", "vgg"],
     )
 
 
@@ -229,16 +262,26 @@ def _scale_param_groups(model: nn.Module, optimizer: torch.optim.Optimizer, scal
     for group in optimizer.param_groups:
         for param in group["params"]:
             scale = scales.get(names[id(param)], 1.0)
-            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [param],
-                           "lr": group["lr"] * scale})
+            groups.append(
+                {**{k: v for k, v in group.items() if k != "params"}, "params": [param], "lr": group["lr"] * scale}
+            )
     optimizer.param_groups.clear()
     for group in groups:
         optimizer.add_param_group(group)
 
 
 def train(
-    model: nn.Module, data: Dataset, arm: Arm, epochs: int, lr: float, batch_size: int, seed: int,
-    implementation: str, device: str, cosine: bool = True, lr_scales: dict[str, float] | None = None,
+    model: nn.Module,
+    data: Dataset,
+    arm: Arm,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    implementation: str,
+    device: str,
+    cosine: bool = True,
+    lr_scales: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Mini-batch training on cross-entropy + the arm's penalty; stops on a non-finite loss.
     `lr_scales`: per-parameter learning-rate multipliers (see `equivariant_lr_scales`)."""
@@ -256,7 +299,7 @@ def train(
     for _ in range(epochs):
         order = torch.randperm(len(y), generator=generator).to(device)
         for index in range(0, len(y), batch_size):
-            batch = order[index:index + batch_size]
+            batch = order[index : index + batch_size]
             loss = F.cross_entropy(model(x[batch]), y[batch])
             if penalty is not None:
                 loss = loss + penalty()
@@ -272,8 +315,12 @@ def train(
         if diverged:
             break
     model.eval()
-    return {"train_seconds": time.perf_counter() - start, "diverged": diverged, "final_loss": last_loss,
-            "penalty_implementation": source}
+    return {
+        "train_seconds": time.perf_counter() - start,
+        "diverged": diverged,
+        "final_loss": last_loss,
+        "penalty_implementation": source,
+    }
 
 
 def audit_measures(model: Normalized, example: torch.Tensor) -> dict[str, Any]:
@@ -338,8 +385,18 @@ def run_one(spec: RunSpec, config: ExperimentConfig) -> Record:
     arm = Arm(spec.arm, spec.strength, spec.optimizer)
     lr = config.lr_sgd if spec.optimizer == "sgd" else config.lr_adam
     scales = equivariant_lr_scales(model, data.x_train[:2], factors) if spec.regime == "shift_eq" and factors else None
-    info = train(model, data, arm, epochs_for(config, data), lr, config.batch_size, spec.seed,
-                 config.implementation, config.device, lr_scales=scales)
+    info = train(
+        model,
+        data,
+        arm,
+        epochs_for(config, data),
+        lr,
+        config.batch_size,
+        spec.seed,
+        config.implementation,
+        config.device,
+        lr_scales=scales,
+    )
     record: Record = {**asdict(spec), "dataset": data.name, "base_dataset": spec.dataset, **info}
     record.update(measure(model, data, config, spec.seed, full=spec.regime not in ("shift", "shift_eq")))
     record["collapsed"] = is_collapsed(record, data.classes)
@@ -355,8 +412,17 @@ def run_finetune(seed: int, arch: str, arms: list[Arm], config: ExperimentConfig
     and after `config.shifts` random function-preserving shifts, with every arm."""
     data = load_dataset("digits", 1.0)
     base = initial_model(RunSpec("finetune", "digits", 1.0, arch, "none", 0.0, "sgd", seed), data, config.device)
-    train(base, data, Arm("none"), epochs_for(config, data), config.lr_sgd, config.batch_size, seed,
-          config.implementation, config.device)
+    train(
+        base,
+        data,
+        Arm("none"),
+        epochs_for(config, data),
+        config.lr_sgd,
+        config.batch_size,
+        seed,
+        config.implementation,
+        config.device,
+    )
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     x_test = data.x_test.to(config.device)
     base_predictions = predictions(base, x_test)
@@ -370,11 +436,29 @@ def run_finetune(seed: int, arch: str, arms: list[Arm], config: ExperimentConfig
             factors = apply_shift(model, data.x_train[:2], shift, config.shift_decades) if shift >= 0 else []
             with torch.no_grad():
                 before = predictions(model, x_test)
-            info = train(model, data, arm, config.finetune_epochs, config.finetune_lr, config.batch_size,
-                         seed + 1000, config.implementation, config.device, cosine=False)
+            info = train(
+                model,
+                data,
+                arm,
+                config.finetune_epochs,
+                config.finetune_lr,
+                config.batch_size,
+                seed + 1000,
+                config.implementation,
+                config.device,
+                cosine=False,
+            )
             record: Record = {
-                "regime": "finetune", "dataset": data.name, "subsample": 1.0, "arch": arch, "arm": arm.name,
-                "strength": arm.strength, "optimizer": arm.optimizer, "seed": seed, "shift": shift, **info,
+                "regime": "finetune",
+                "dataset": data.name,
+                "subsample": 1.0,
+                "arch": arch,
+                "arm": arm.name,
+                "strength": arm.strength,
+                "optimizer": arm.optimizer,
+                "seed": seed,
+                "shift": shift,
+                **info,
                 "base_test_accuracy": base_accuracy,
                 "shift_changed_predictions": float((before != base_predictions).float().mean()),
                 "shift_log10_factors": [round(f, 4) for f in factors],
@@ -397,8 +481,17 @@ def core_demo(config: ExperimentConfig, seed: int = 0) -> Record:
     data = load_dataset("digits", 1.0)
     spec = RunSpec("demo", "digits", 1.0, "mlp", "none", 0.0, "sgd", seed)
     model = initial_model(spec, data, config.device)
-    train(model, data, Arm("none"), epochs_for(config, data), config.lr_sgd, config.batch_size, seed,
-          config.implementation, config.device)
+    train(
+        model,
+        data,
+        Arm("none"),
+        epochs_for(config, data),
+        config.lr_sgd,
+        config.batch_size,
+        seed,
+        config.implementation,
+        config.device,
+    )
     model = model.cpu().double()
     x = data.x_test.double()
     example = data.x_train[:2].double()
@@ -427,8 +520,11 @@ def core_demo(config: ExperimentConfig, seed: int = 0) -> Record:
         "weight_decay_penalty": {"before": wd_before, "after": wd_after, "factor": wd_after / wd_before},
         "imbalance_decades": {"before": imbalance_before, "after": imbalance_after},
         "invariant_penalties": {
-            name: {"before": before[name], "after": after[name],
-                   "relative_change": abs(after[name] - before[name]) / max(abs(before[name]), 1e-300)}
+            name: {
+                "before": before[name],
+                "after": after[name],
+                "relative_change": abs(after[name] - before[name]) / max(abs(before[name]), 1e-300),
+            }
             for name in penalties
         },
     }
@@ -454,8 +550,9 @@ def _execute(task: tuple[str, Any, ExperimentConfig]) -> list[Record] | Record:
     raise ValueError(kind)
 
 
-def _map(tasks: list[tuple[str, Any, ExperimentConfig]], config: ExperimentConfig,
-         progress: Callable[[str], None]) -> list[Any]:
+def _map(
+    tasks: list[tuple[str, Any, ExperimentConfig]], config: ExperimentConfig, progress: Callable[[str], None]
+) -> list[Any]:
     """Run tasks in `config.workers` processes (1: in this process); results in task order."""
     results: list[Any] = [None] * len(tasks)
     start = time.perf_counter()
@@ -497,7 +594,9 @@ def adam_specs(config: ExperimentConfig, seeds: Iterable[int]) -> list[RunSpec]:
     arms = [("none", 0.0)] + [(a, s) for a, grid in config.adam_strengths.items() for s in grid]
     return [
         RunSpec("adam", "digits", 1.0, arch, arm, strength, "adam", seed)
-        for arch in config.adam_archs for arm, strength in arms for seed in seeds
+        for arch in config.adam_archs
+        for arm, strength in arms
+        for seed in seeds
     ]
 
 
@@ -522,19 +621,19 @@ def select_strengths(records: Iterable[Record]) -> dict[tuple[str, str, str], di
     """Per (regime, dataset, arch) and arm: the strength with the best mean validation accuracy
     over seeds (ties: the smaller strength). Test accuracy is never looked at."""
     by_cell: dict[tuple[str, str, str], dict[str, dict[float, list[float]]]] = defaultdict(
-        lambda: defaultdict(lambda: defaultdict(list)))
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
     for r in records:
         by_cell[cell_key(r)][r["arm"]][r["strength"]].append(r["val_accuracy"])
     selected: dict[tuple[str, str, str], dict[str, float]] = {}
     for key, arms in by_cell.items():
-        selected[key] = {
-            arm: min(grid, key=lambda s: (-statistics.fmean(grid[s]), s)) for arm, grid in arms.items()
-        }
+        selected[key] = {arm: min(grid, key=lambda s: (-statistics.fmean(grid[s]), s)) for arm, grid in arms.items()}
     return selected
 
 
-def equivariant_tasks(config: ExperimentConfig, selection: dict[tuple[str, str, str], dict[str, float]]
-                      ) -> list[tuple[str, Any, ExperimentConfig]]:
+def equivariant_tasks(
+    config: ExperimentConfig, selection: dict[tuple[str, str, str], dict[str, float]]
+) -> list[tuple[str, Any, ExperimentConfig]]:
     """Regime 2b: the regime-2 shifts trained with shift-equivariant per-layer learning rates, with
     the regime-1 selected strengths and `config.equivariant_strengths`."""
     tasks: list[tuple[str, Any, ExperimentConfig]] = []
@@ -581,8 +680,13 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    info = {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform()}
+    info = {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -590,6 +694,7 @@ def machine_info() -> dict[str, Any]:
 
 def _public(record: Record) -> Record:
     """A record for JSON: private keys dropped, floats rounded."""
+
     def clean(value: Any) -> Any:
         if isinstance(value, float):
             return round(value, 5) if math.isfinite(value) else None
@@ -603,8 +708,9 @@ def _public(record: Record) -> Record:
     return {k: clean(v) for k, v in record.items() if not k.startswith("_") and k != "attack"}
 
 
-def run_experiments(config: ExperimentConfig, progress: Callable[[str], None] = print,
-                    write: bool = True) -> dict[str, Any]:
+def run_experiments(
+    config: ExperimentConfig, progress: Callable[[str], None] = print, write: bool = True
+) -> dict[str, Any]:
     """Run the whole grid; with `write`, save raw JSON and plots to `config.output` and the tables
     to `config.markdown`. Returns {config, machine, runs, selection, analysis, demo, seconds}."""
     start = time.perf_counter()
@@ -624,8 +730,12 @@ def run_experiments(config: ExperimentConfig, progress: Callable[[str], None] = 
 
     phase_b: list[tuple[str, Any, ExperimentConfig]] = []
     more_seeds = range(len(sweep_seeds), config.seeds)
-    for spec in sorted({(r["regime"], r["base_dataset"], r["subsample"], r["arch"], r["arm"], r["strength"],
-                         r["optimizer"]) for r in runs}):
+    for spec in sorted(
+        {
+            (r["regime"], r["base_dataset"], r["subsample"], r["arch"], r["arm"], r["strength"], r["optimizer"])
+            for r in runs
+        }
+    ):
         regime, dataset, subsample, arch, arm, strength, _ = spec
         if selection[(regime, load_dataset(dataset, subsample).name, arch)].get(arm) == strength:
             phase_b += [("run", RunSpec(*spec, seed), config) for seed in more_seeds]  # type: ignore[misc]
@@ -641,8 +751,10 @@ def run_experiments(config: ExperimentConfig, progress: Callable[[str], None] = 
             phase_b.append(("finetune", (seed, arch, arms), shifted))
     phase_b += equivariant_tasks(config, selection)
     phase_b.sort(key=_cost, reverse=True)
-    progress(f"phase B: {len(phase_b)} tasks (selected arms on seeds {list(more_seeds)}, regime 2 shifts, "
-             "regime 4 fine-tuning)")
+    progress(
+        f"phase B: {len(phase_b)} tasks (selected arms on seeds {list(more_seeds)}, regime 2 shifts, "
+        "regime 4 fine-tuning)"
+    )
     for result in _map(phase_b, config, progress):
         runs.extend(result if isinstance(result, list) else [result])
 

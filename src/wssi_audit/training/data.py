@@ -143,6 +143,10 @@ def split_dataset(dataset: Dataset, seed: int, held_out: float = 0.2) -> Split:
     val = min(max(1, round(held_out * count)), count - 1)
     val_idx, train_idx = order[:val], order[val:]
     return Split(
-        dataset.x[train_idx], dataset.y[train_idx], dataset.x[val_idx], dataset.y[val_idx],
-        dataset.classes, dataset.description,
+        dataset.x[train_idx],
+        dataset.y[train_idx],
+        dataset.x[val_idx],
+        dataset.y[val_idx],
+        dataset.classes,
+        dataset.description,
     )

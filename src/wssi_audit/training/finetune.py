@@ -318,9 +318,18 @@ def run_finetune(
         raise InputError(f"the exported program takes batches of {trainable.chunk}, more than the training set")
     _check_shapes(trainable, split)
     config = {
-        "model": str(model_path), "model_sha256": digest, "data": str(data), "epochs": epochs, "lr": lr,
-        "batch_size": batch_size, "strength": strength, "form": form, "seed": seed,
-        "weight_decay": weight_decay, "momentum": momentum, "held_out": held_out,
+        "model": str(model_path),
+        "model_sha256": digest,
+        "data": str(data),
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "strength": strength,
+        "form": form,
+        "seed": seed,
+        "weight_decay": weight_decay,
+        "momentum": momentum,
+        "held_out": held_out,
     }
 
     torch.manual_seed(seed)
@@ -377,15 +386,20 @@ def run_finetune(
     steps_per_epoch = math.ceil(count / batch_size)
     global_step = start_epoch * steps_per_epoch
     progress = Progress(
-        TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("[bold]epoch {task.fields[epoch]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.1%}  {task.fields[rate]:.0f} ex/s"),
-        TimeElapsedColumn(), console=console, transient=False,
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
     )
     with progress:
         for epoch in range(start_epoch, epochs):
             order = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-            task = progress.add_task("train", total=steps_per_epoch, epoch=f"{epoch + 1}/{epochs}", loss=0.0, acc=0.0,
-                                     rate=0.0)
+            task = progress.add_task(
+                "train", total=steps_per_epoch, epoch=f"{epoch + 1}/{epochs}", loss=0.0, acc=0.0, rate=0.0
+            )
             seen, correct, loss_sum, started = 0, 0, 0.0, time.perf_counter()
             for step in range(steps_per_epoch):
                 index = order[step * batch_size : (step + 1) * batch_size]
@@ -415,25 +429,36 @@ def run_finetune(
                         optimizer.step()
                 global_step += 1
                 elapsed = max(time.perf_counter() - started, 1e-9)
-                progress.update(task, advance=1, loss=loss_sum / max(seen, 1), acc=correct / max(seen, 1),
-                                rate=seen / elapsed)
+                progress.update(
+                    task, advance=1, loss=loss_sum / max(seen, 1), acc=correct / max(seen, 1), rate=seen / elapsed
+                )
                 if step_callback is not None:
                     step_callback(global_step)
             val_acc, val_loss = evaluate(trainable, split.val_x, split.val_y, target)
-            history.append({
-                "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-                "val_loss": val_loss, "val_accuracy": val_acc,
-                "penalty": float(regularizer.penalty().detach()) if regularizer is not None else 0.0,
-                "seconds": time.perf_counter() - started,
-            })
+            history.append(
+                {
+                    "epoch": epoch + 1,
+                    "train_loss": loss_sum / max(seen, 1),
+                    "train_accuracy": correct / max(seen, 1),
+                    "val_loss": val_loss,
+                    "val_accuracy": val_acc,
+                    "penalty": float(regularizer.penalty().detach()) if regularizer is not None else 0.0,
+                    "seconds": time.perf_counter() - started,
+                }
+            )
             progress.console.print(
                 f"epoch {epoch + 1}/{epochs}: train loss {history[-1]['train_loss']:.4f}, "
                 f"held-out acc {val_acc:.1%}, held-out loss {val_loss:.4f}"
             )
             state = {
-                "version": CHECKPOINT_VERSION, "config": config, "epoch": epoch + 1,
-                "model": module.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": _rng_state(target), "history": history, "before": asdict(before),
+                "version": CHECKPOINT_VERSION,
+                "config": config,
+                "epoch": epoch + 1,
+                "model": module.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": _rng_state(target),
+                "history": history,
+                "before": asdict(before),
             }
             save_atomic(checkpoint_path, lambda path, state=state: torch.save(state, path))
 
@@ -444,8 +469,11 @@ def run_finetune(
         "config": config,
         "data": {"description": split.description, "train": int(count), "held_out": int(split.val_x.shape[0])},
         "device": str(target),
-        "regularizer": None if regularizer is None else {
-            "form": form, "strength": strength,
+        "regularizer": None
+        if regularizer is None
+        else {
+            "form": form,
+            "strength": strength,
             "covered": [c.carrier for c in regularizer.coverage().covered],
             "excluded": [{"weight": e.key, "reason": e.reason} for e in regularizer.coverage().excluded],
         },
