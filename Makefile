@@ -21,6 +21,7 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 
 test: install lint
 	$(BIN)/pytest
