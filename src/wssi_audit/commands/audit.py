@@ -10,6 +10,7 @@ import typer
 from ..audit import analyze
 from ..cli_support import console, handle_errors, write_atomic
 from ..errors import EXIT_INCONSISTENT, InputError
+from ..frontends import METHODS
 from ..loading import load_model, parse_input_shape, random_inputs
 from ..render import render_console, render_markdown
 
@@ -29,6 +30,12 @@ TRUST_PICKLE = typer.Option(False, "--trust-pickle", help="Allow unpickling a wh
 IMPORTS = typer.Option([], "--import", help="Import a module first (makes pickled classes or factories importable).")
 METHOD = typer.Option("auto", "--trace", help="How to trace an nn.Module: auto, fx or export.")
 SEED = typer.Option(0, "--seed", help="Seed of the random inputs and the random scale shifts.")
+
+
+def check_trace_method(method: str) -> None:
+    """--trace is validated here once for every command that traces."""
+    if method not in METHODS:
+        raise InputError(f"bad --trace '{method}': choose {', '.join(METHODS)}")
 
 
 def load_for_cli(
@@ -57,8 +64,7 @@ def register(app: typer.Typer) -> None:
         seed: int = SEED,
     ) -> None:
         """Trace a model, find its homogeneous chains and residual blocks, report norms in log10."""
-        if method not in ("auto", "fx", "export"):
-            raise InputError(f"bad --trace '{method}': choose auto, fx or export")
+        check_trace_method(method)
         loaded = load_for_cli(model, arch, input_shape, trust_pickle, imports, seed)
         report = analyze(loaded, method=method, verify=verify, seed=seed).report
         if output_format is OutputFormat.json:

@@ -10,7 +10,7 @@ from rich.table import Table
 from ..balance import balance, save_balanced
 from ..cli_support import console, handle_errors
 from ..errors import InputError
-from .audit import ARCH, IMPORTS, INPUT_SHAPE, METHOD, SEED, TRUST_PICKLE, load_for_cli
+from .audit import ARCH, IMPORTS, INPUT_SHAPE, METHOD, SEED, TRUST_PICKLE, check_trace_method, load_for_cli
 
 
 def register(app: typer.Typer) -> None:
@@ -40,8 +40,7 @@ def register(app: typer.Typer) -> None:
         format (.pt2, state dict, safetensors, pickled module, ONNX), after checking on an
         example input that the outputs did not change.
         """
-        if method not in ("auto", "fx", "export"):
-            raise InputError(f"bad --trace '{method}': choose auto, fx or export")
+        check_trace_method(method)
         if output.exists() and output.resolve() == model.resolve():
             raise InputError("--output must differ from the input model: the input is never modified")
         loaded = load_for_cli(model, arch, input_shape, trust_pickle, imports, seed)

@@ -29,9 +29,9 @@ from ..checks import (
     run_checks,
 )
 from ..cli_support import console, error_console, handle_errors, write_atomic
-from ..errors import EXIT_INCONSISTENT, EXIT_OK, EXIT_RULE_FAILED, EXIT_USAGE, InputError, WssiError
+from ..errors import EXIT_INCONSISTENT, EXIT_OK, EXIT_RULE_FAILED, EXIT_USAGE, WssiError
 from ..loading import LoadedModel
-from .audit import ARCH, IMPORTS, INPUT_SHAPE, METHOD, SEED, TRUST_PICKLE, load_for_cli
+from .audit import ARCH, IMPORTS, INPUT_SHAPE, METHOD, SEED, TRUST_PICKLE, check_trace_method, load_for_cli
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 every rule passed; 1 a rule failed; 2 usage or input error (bad option, config, "
@@ -240,8 +240,7 @@ def register(app: typer.Typer) -> None:
         method: str = METHOD,
         seed: int = SEED,
     ) -> None:
-        if method not in ("auto", "fx", "export"):
-            raise InputError(f"bad --trace '{method}': choose auto, fx or export")
+        check_trace_method(method)
         overrides = {
             "max_imbalance": max_imbalance,
             "max_log10_intrinsic_norm": max_log10_intrinsic_norm,
