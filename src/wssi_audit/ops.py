@@ -52,18 +52,24 @@ class OpSpec:
         return self.lipschitz
 
 
-def _pool_lipschitz(attrs: dict[str, Any]) -> float | None:
-    """Max/avg pooling: ||J|| <= sqrt(max windows covering one input) = sqrt(prod ceil(k/s))."""
-    kernel, stride = attrs.get("kernel_size"), attrs.get("stride")
-    if kernel is None:
-        return None
-    kernel = list(kernel)
-    stride = list(stride) if stride else kernel
+def overlap_factor(kernel: Any, stride: Any = None, dilation: Any = 1) -> float:
+    """sqrt(most windows that read one input position): a sliding-window map (convolution,
+    pooling) has l2 operator norm at most this times its per-window norm. sqrt(prod ceil(k/s));
+    sqrt(prod k) with dilation."""
+    kernel = [int(k) for k in _as_list(kernel)]
+    stride = [int(s) for s in _as_list(stride)] if stride else kernel
     if len(stride) == 1 and len(kernel) > 1:
         stride = stride * len(kernel)
-    if attrs.get("dilation") not in (None, 1) and any(d != 1 for d in _as_list(attrs.get("dilation"))):
+    if any(int(d) != 1 for d in _as_list(1 if dilation is None else dilation)):
         return math.sqrt(math.prod(kernel))
     return math.sqrt(math.prod(math.ceil(k / s) for k, s in zip(kernel, stride)))
+
+
+def _pool_lipschitz(attrs: dict[str, Any]) -> float | None:
+    """Max/avg pooling: ||J|| <= sqrt(max windows covering one input)."""
+    if attrs.get("kernel_size") is None:
+        return None
+    return overlap_factor(attrs["kernel_size"], attrs.get("stride"), attrs.get("dilation"))
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ir import Graph
-from ..ops import Role, spec_of
+from ..ops import Role, overlap_factor, spec_of
 from .structure import Chain, ResidualBlock, Structure, WeightLayer
 from .weights import effective_weight
 
@@ -148,16 +148,7 @@ def operator_factor(layer: WeightLayer, weight: torch.Tensor) -> float:
     """||conv operator|| <= sqrt(max outputs reading one input) * ||K||: that square root."""
     if layer.op == "linear":
         return 1.0
-    kernel = list(weight.shape[2:])
-    stride = layer.attrs.get("stride", 1)
-    stride = list(stride) if isinstance(stride, (list, tuple)) else [stride] * len(kernel)
-    dilation = layer.attrs.get("dilation", 1)
-    dilation = list(dilation) if isinstance(dilation, (list, tuple)) else [dilation] * len(kernel)
-    if len(stride) == 1:
-        stride = stride * len(kernel)
-    if any(int(d) != 1 for d in dilation):
-        return math.sqrt(math.prod(kernel))
-    return math.sqrt(math.prod(math.ceil(k / int(s)) for k, s in zip(kernel, stride)))
+    return overlap_factor(weight.shape[2:], layer.attrs.get("stride", 1), layer.attrs.get("dilation", 1))
 
 
 def layer_norms(
