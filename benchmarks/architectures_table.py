@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from wssi_audit import audit
+from wssi_audit.models import randomize_batch_norm
 
 MODELS: list[tuple[str, str]] = [
     ("torchvision", "resnet18"),
@@ -40,19 +41,6 @@ def factory(library: str, name: str) -> Callable[[], nn.Module]:
     import timm
 
     return lambda: timm.create_model(name, pretrained=False)
-
-
-def randomize_batch_norm(model: nn.Module, seed: int = 0) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            count = module.num_features
-            with torch.no_grad():
-                module.running_mean.copy_(0.2 * torch.randn(count, generator=generator))
-                module.running_var.copy_(0.5 + 1.5 * torch.rand(count, generator=generator))
-                module.weight.copy_(0.5 + torch.rand(count, generator=generator))
-                module.bias.copy_(0.2 * torch.randn(count, generator=generator))
-    return model
 
 
 def fmt(value: float | None, digits: int = 2) -> str:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from wssi_audit import audit
+from wssi_audit.models import randomize_batch_norm
 from wssi_audit.report import Report
 
 pytestmark = pytest.mark.slow
@@ -50,20 +51,6 @@ CASES = [
     Expected("timm", "resnet18", 5, 3, 20, {2: 8, 1: 5}),
     Expected("timm", "resnet50", 12, 4, 53, {3: 16, 1: 6}),
 ]
-
-
-def randomize_batch_norm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial running statistics and affine parameters, cheaply (no training passes)."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            count = module.num_features
-            with torch.no_grad():
-                module.running_mean.copy_(0.2 * torch.randn(count, generator=generator))
-                module.running_var.copy_(0.5 + 1.5 * torch.rand(count, generator=generator))
-                module.weight.copy_(0.5 + torch.rand(count, generator=generator))
-                module.bias.copy_(0.2 * torch.randn(count, generator=generator))
-    return model.eval()
 
 
 def build(case: Expected) -> nn.Module:

@@ -29,6 +29,22 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def randomize_batch_norm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters, cheaply (no training passes), so
+    that folding is really exercised on randomly initialised real architectures. Returns the model
+    in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            count = module.num_features
+            with torch.no_grad():
+                module.running_mean.copy_(0.2 * torch.randn(count, generator=generator))
+                module.running_var.copy_(0.5 + 1.5 * torch.rand(count, generator=generator))
+                module.weight.copy_(0.5 + torch.rand(count, generator=generator))
+                module.bias.copy_(0.2 * torch.randn(count, generator=generator))
+    return model.eval()
+
+
 # Example input shape of each model, as given to --input-shape.
 INPUT_SHAPES: dict[str, tuple[int, ...]] = {}
 
