@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from ..models import create_model
+from ..models import create_model, mlp
 
 ARCHITECTURES = ("mlp", "vgg", "resnet_nobn", "resnet_bn")
 CHAIN_ARCHITECTURES = ("mlp", "vgg")  # plain homogeneous chains: the shift regimes use these
@@ -29,13 +29,7 @@ class Normalized(nn.Module):
 
 def deep_mlp(in_features: int, classes: int, width: int = 64, depth: int = 7) -> nn.Module:
     """A `depth`-layer ReLU MLP (one homogeneous chain of `depth` Linear layers)."""
-    layers: list[nn.Module] = [nn.Flatten()]
-    size = in_features
-    for _ in range(depth - 1):
-        layers += [nn.Linear(size, width), nn.ReLU()]
-        size = width
-    layers.append(nn.Linear(size, classes))
-    return nn.Sequential(*layers)
+    return mlp(in_features=in_features, hidden=width, depth=depth, classes=classes)
 
 
 def vgg(input_shape: tuple[int, ...], classes: int, channels: int = 16) -> nn.Module:

@@ -18,6 +18,31 @@ ARM_ORDER = ("none", "wd", "log", "balanced", "log_guard")
 ARM_COLORS = {"none": "#888888", "wd": "#1f77b4", "log": "#d62728", "balanced": "#2ca02c", "log_guard": "#ff7f0e"}
 
 
+def _cell_grid(count: int) -> tuple[Any, Any]:
+    """One small panel per cell, four to a row."""
+    import matplotlib.pyplot as plt
+
+    columns = min(4, count)
+    rows = (count + columns - 1) // columns
+    return plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
+
+
+def _label_grid(axes_grid: Any, used: int, ylabel: str) -> None:
+    for ax in list(axes_grid.flat)[used:]:
+        ax.axis("off")
+    axes_grid[0][0].set_ylabel(ylabel)
+    axes_grid[0][0].legend(fontsize=6)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
         return float("nan"), float("nan")
@@ -464,15 +489,9 @@ def make_plots(results: dict[str, Any], config: ExperimentConfig, directory: Pat
             low = min((p.get_height() for p in ax.patches), default=0)
             ax.set_ylim(max(0, low - 10), 100)
         axes[0].set_title(f"Regime {'1 (SGD)' if regime == 'sgd' else '3 (Adam)'}: selected strengths, mean ± std")
-        fig.tight_layout()
-        path = directory / f"{regime}_selected.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, directory / f"{regime}_selected.png"))
 
-        columns = min(4, len(names))
-        rows = (len(names) + columns - 1) // columns
-        fig, axes_grid = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
+        fig, axes_grid = _cell_grid(len(names))
         for ax, cell in zip(axes_grid.flat, names):
             sweep = cells[cell]["sweep"]
             none = sweep.get("none=0")
@@ -496,40 +515,24 @@ def make_plots(results: dict[str, Any], config: ExperimentConfig, directory: Pat
             ax.set_xscale("log")
             ax.set_title(cell, fontsize=9)
             ax.tick_params(labelsize=7)
-        for ax in list(axes_grid.flat)[len(names) :]:
-            ax.axis("off")
-        axes_grid[0][0].set_ylabel("validation acc %")
-        axes_grid[0][0].legend(fontsize=6)
+        _label_grid(axes_grid, len(names), "validation acc %")
         fig.suptitle(f"{regime.upper()} strength sweeps (x: strength, log scale)", fontsize=10)
-        fig.tight_layout()
-        path = directory / f"{regime}_sweeps.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, directory / f"{regime}_sweeps.png"))
 
     cells = a["sgd"]
     eps = [e for e in config.eps]
     if cells:
         names = list(cells)
-        columns = min(4, len(names))
-        rows = (len(names) + columns - 1) // columns
-        fig, axes_grid = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
+        fig, axes_grid = _cell_grid(len(names))
         for ax, cell in zip(axes_grid.flat, names):
             for arm, s in cells[cell]["selected"].items():
                 ys = [100 * s["test_accuracy"][0] if e == 0 else 100 * s[f"pgd_{e:g}"][0] for e in eps]
                 ax.plot(eps, ys, marker="o", ms=3, label=arm, color=ARM_COLORS[arm])
             ax.set_title(cell, fontsize=9)
             ax.tick_params(labelsize=7)
-        for ax in list(axes_grid.flat)[len(names) :]:
-            ax.axis("off")
-        axes_grid[0][0].set_ylabel("PGD accuracy %")
-        axes_grid[0][0].legend(fontsize=6)
+        _label_grid(axes_grid, len(names), "PGD accuracy %")
         fig.suptitle("Regime 1: PGD-20 Linf accuracy vs eps (selected strengths)", fontsize=10)
-        fig.tight_layout()
-        path = directory / "sgd_pgd_vs_eps.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, directory / "sgd_pgd_vs_eps.png"))
 
     titles = {
         "shift": "Regime 2: same function, shifted inits (SGD)",
@@ -572,11 +575,7 @@ def make_plots(results: dict[str, Any], config: ExperimentConfig, directory: Pat
         ax.set_ylabel(ylabel, fontsize=8)
         ax.legend(fontsize=7)
         ax.set_title(titles[regime], fontsize=9)
-        fig.tight_layout()
-        path = directory / f"{regime}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, directory / f"{regime}.png"))
     return paths
 
 

@@ -407,13 +407,10 @@ def run_one(spec: RunSpec, config: ExperimentConfig) -> Record:
     return record
 
 
-def run_finetune(seed: int, arch: str, arms: list[Arm], config: ExperimentConfig) -> list[Record]:
-    """Regime 4: train a base model (no regularizer, SGD), then fine-tune copies of it, unshifted
-    and after `config.shifts` random function-preserving shifts, with every arm."""
-    data = load_dataset("digits", 1.0)
-    base = initial_model(RunSpec("finetune", "digits", 1.0, arch, "none", 0.0, "sgd", seed), data, config.device)
+def train_unregularized(model: Normalized, data: Dataset, config: ExperimentConfig, seed: int) -> None:
+    """The plain SGD run that regime 4 fine-tunes from and the core demo shifts."""
     train(
-        base,
+        model,
         data,
         Arm("none"),
         epochs_for(config, data),
@@ -423,6 +420,14 @@ def run_finetune(seed: int, arch: str, arms: list[Arm], config: ExperimentConfig
         config.implementation,
         config.device,
     )
+
+
+def run_finetune(seed: int, arch: str, arms: list[Arm], config: ExperimentConfig) -> list[Record]:
+    """Regime 4: train a base model (no regularizer, SGD), then fine-tune copies of it, unshifted
+    and after `config.shifts` random function-preserving shifts, with every arm."""
+    data = load_dataset("digits", 1.0)
+    base = initial_model(RunSpec("finetune", "digits", 1.0, arch, "none", 0.0, "sgd", seed), data, config.device)
+    train_unregularized(base, data, config, seed)
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     x_test = data.x_test.to(config.device)
     base_predictions = predictions(base, x_test)
@@ -481,17 +486,7 @@ def core_demo(config: ExperimentConfig, seed: int = 0) -> Record:
     data = load_dataset("digits", 1.0)
     spec = RunSpec("demo", "digits", 1.0, "mlp", "none", 0.0, "sgd", seed)
     model = initial_model(spec, data, config.device)
-    train(
-        model,
-        data,
-        Arm("none"),
-        epochs_for(config, data),
-        config.lr_sgd,
-        config.batch_size,
-        seed,
-        config.implementation,
-        config.device,
-    )
+    train_unregularized(model, data, config, seed)
     model = model.cpu().double()
     x = data.x_test.double()
     example = data.x_train[:2].double()
