@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,7 +166,6 @@ def analyze_graph(
         summary=summary,
         tool_version=__version__,
     )
-    _ = math
     return Analysis(graph, structure, report)
 
 
@@ -194,10 +192,8 @@ def analyze(
 
     inputs = _as_inputs(example_inputs)
     if isinstance(model, (str, Path)):
-        loaded = load_model(model)
-        model, source, format = loaded.model, loaded.source, loaded.format
-        inputs = inputs if inputs is not None else loaded.example_inputs
-    elif isinstance(model, LoadedModel):
+        model = load_model(model)
+    if isinstance(model, LoadedModel):
         loaded = model
         model, source, format = loaded.model, loaded.source, loaded.format
         inputs = inputs if inputs is not None else loaded.example_inputs

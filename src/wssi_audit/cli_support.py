@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -99,7 +98,3 @@ def save_atomic(path: str | Path, saver: Callable[[str], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()

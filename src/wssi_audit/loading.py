@@ -11,6 +11,7 @@ import contextlib
 import importlib
 import logging
 import pickle
+import sys
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -56,12 +57,15 @@ def random_inputs(shapes: Sequence[tuple[int, ...]] | None, seed: int = 0) -> tu
     return tuple(torch.randn(shape, generator=generator) for shape in shapes)
 
 
-def import_modules(names: Sequence[str]) -> None:
-    """Make user classes importable (for pickled modules and factories)."""
-    import sys
-
+def _import_from_working_directory() -> None:
+    """User packages named by --import or --arch resolve from the current directory, as `python -m` would."""
     if "" not in sys.path and "." not in sys.path:
         sys.path.insert(0, ".")
+
+
+def import_modules(names: Sequence[str]) -> None:
+    """Make user classes importable (for pickled modules and factories)."""
+    _import_from_working_directory()
     for name in names:
         try:
             importlib.import_module(name)
@@ -71,13 +75,10 @@ def import_modules(names: Sequence[str]) -> None:
 
 def resolve_factory(spec: str) -> Callable[[], nn.Module]:
     """'package.module:factory' -> the callable (a class or function returning an nn.Module)."""
-    import sys
-
     if ":" not in spec:
         raise InputError(f"bad --arch '{spec}': expected 'package.module:factory'")
     module_name, _, attr = spec.partition(":")
-    if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, ".")
+    _import_from_working_directory()
     try:
         module = importlib.import_module(module_name)
     except Exception as error:
@@ -130,9 +131,7 @@ def _is_torchscript(path: Path) -> bool:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError):
         return False
-    return any(name.endswith("constants.pkl") or "/code/" in name for name in names) and not any(
-        name.endswith("data.pkl") and "/code/" not in name and False for name in names
-    )
+    return any(name.endswith("constants.pkl") or "/code/" in name for name in names)
 
 
 def _load_torchscript(path: Path, example_inputs: tuple[Any, ...] | None) -> LoadedModel:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from rich.console import Console, Group
+from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -186,6 +186,3 @@ def render_text(report: Report, *, layers: bool = False, width: int = 120) -> st
     console = Console(file=buffer, width=width, force_terminal=False, color_system=None)
     render_console(report, console, layers=layers)
     return buffer.getvalue()
-
-
-_ = Group

@@ -73,12 +73,6 @@ class Structure:
     blocks: list[ResidualBlock]
     consumers: dict[str, list[str]]
 
-    def chain_of(self, layer_name: str) -> Chain:
-        for chain in self.chains:
-            if any(layer.name == layer_name for layer in chain.layers):
-                return chain
-        raise KeyError(layer_name)
-
 
 def _layer_kind(node: Node, graph: Graph) -> str:
     if node.op == "linear":
@@ -93,13 +87,15 @@ def _layer_name(node: Node) -> str:
     return weight[: -len(".weight")] if weight.endswith(".weight") else (node.scope or weight)
 
 
-def classify_nodes(graph: Graph) -> tuple[dict[str, NodeStatus], dict[str, WeightLayer]]:
+def classify_nodes(
+    graph: Graph, consumers: dict[str, list[str]] | None = None
+) -> tuple[dict[str, NodeStatus], dict[str, WeightLayer]]:
     """Status of every node, and the weight layers (BatchNorm folded) keyed by weight node."""
     uses: dict[str, int] = {}
     for node in graph.nodes.values():
         for key in node.params.values():
             uses[key] = uses.get(key, 0) + 1
-    consumers = graph.consumers()
+    consumers = graph.consumers() if consumers is None else consumers
     statuses: dict[str, NodeStatus] = {}
     layers: dict[str, WeightLayer] = {}
 
@@ -197,8 +193,8 @@ def _walk_back(graph: Graph, consumers: dict[str, list[str]], start: str) -> tup
 
 
 def find_structure(graph: Graph) -> Structure:
-    statuses, layers = classify_nodes(graph)
     consumers = graph.consumers()
+    statuses, layers = classify_nodes(graph, consumers)
     successor: dict[str, WeightLayer] = {}
     has_predecessor: set[str] = set()
     for layer in layers.values():

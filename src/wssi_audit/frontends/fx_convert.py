@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import builtins
 import numbers
-import operator
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -121,7 +120,6 @@ class FxConverter:
         self.leaf_reasons = leaf_reasons or {}
         self.nodes: dict[str, Node] = {}
         self.activations: set[str] = set()
-        self.constants: dict[str, Any] = {}
 
     # -- helpers ---------------------------------------------------------------------
     def _is_activation(self, value: Any) -> bool:
@@ -233,7 +231,6 @@ class FxConverter:
         acts = [a for a in operands if self._is_activation(a)]
         params = [self._param_key(a) for a in operands if self._param_key(a) is not None]
         numbers_ = [a for a in operands if isinstance(a, numbers.Number) and not isinstance(a, bool)]
-        numbers_ += [self.constants[a.name] for a in operands if isinstance(a, fx.Node) and a.name in self.constants]
         if kind in ("add", "sub"):
             if len(acts) >= 2:
                 return kind, {}, {}
@@ -366,6 +363,3 @@ def _clean_module_path(path: str) -> str:
         path = path[len("L['self']") :].lstrip(".")
         path = path.replace("[", ".").replace("]", "").replace("'", "")
     return path.strip(".")
-
-
-_ = operator  # operator targets are referenced through fx_tables
