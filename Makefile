@@ -20,8 +20,8 @@ demo: install
 	$(BIN)/wssi-audit demo --output-dir demo_out
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks examples
-	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/ruff check wssi_audit tests benchmarks examples
+	$(BIN)/ruff format --check wssi_audit tests benchmarks examples
 
 test: install lint
 	$(BIN)/pytest

@@ -18,8 +18,7 @@ from dataclasses import replace
 
 import torch
 
-from wssi_audit.experiments import default_config, quick_config, run_experiments
-from wssi_audit.experiments.runner import large_config
+from wssi_audit.experiments import default_config, large_config, quick_config, run_experiments
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -248,7 +248,7 @@ def test_resume_after_the_process_is_killed(tmp_path: Path, small_data: Path) ->
     )
     output = tmp_path / "killed" / "m.pt"
     checkpoint = output.with_name("m.pt.ckpt")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     process = subprocess.Popen(
         [sys.executable, "-m", "wssi_audit", "finetune", str(model_path), *options, "-o", str(output)],
         stdout=subprocess.DEVNULL,

@@ -1,144 +1,27 @@
-"""The weight-scale-shift-invariant regularizer (science.md s.4), over the structure the audit found.
-
-Penalty, with n_u the Frobenius norm of a covered layer (BatchNorm folded):
-
-* plain chain c (not part of a residual block):   log form  sum_{u in c} log n_u
-* residual block b, branch V_b1..V_bm, shortcut s_b (1 for identity, n_P for a projection):
-                                                   log form  log(s_b + prod_j n_bj)
-* ``form="log"``:       J = strength * sum of the terms above (the paper's main term)
-* ``form="balanced"``:  J = strength * sum_c K_c exp(2 S_c / K_c), S_c the sum of the log terms of a
-  component with K_c layers; a component is one plain chain in a network without residual blocks
-  (= L N^{2/L}), else the whole residual network (chains joined by the residual stream).
-  Bounded below by 0, and equal to weight decay's sum ||W||^2 at the balanced point.
-* optional direction term ``direction_strength * sum_u ||W_u||_1 / ||W_u||_2``
-* optional bias term ``bias_strength * sum_{l<L} ||b_l|| prod_{k>l} n_k`` within each plain chain.
-  (Inside a residual branch this product would not be invariant to rescaling the residual stream -
-  the invariant weight is the norm product up to the network output - so branches get no bias term.)
-
-Every term is exactly invariant to function-preserving weight scale shifts inside a chain or a branch,
-and to rescaling the residual stream.
-
-BatchNorm (decision): a conv/linear layer followed by a BatchNorm is covered through its *folded* norm
-``||diag(gamma / sqrt(running_var + eps)) W||`` (the eval-mode map the model deploys), but the penalty's
-gradient reaches only the BatchNorm's gamma (and beta, through the bias term). In train mode the raw
-conv weight feeding a BatchNorm is scale-free (batch statistics divide its scale out), so a log
-penalty on it would shrink it to zero at no cost to the loss; it is excluded and keeps whatever weight
-decay the user gave it. The folded value is exactly invariant to shifts written through gamma and beta
-(`analysis.weights.shift_layers`) and, once running statistics follow, to rescaling the raw weight.
-Chains whose output flows (through degree-1 ops) into LayerNorm / GroupNorm / an unfolded BatchNorm
-are scale-free as a whole and are excluded too.
+"""The penalty's value and its closed-form gradient, for each form (log, balanced), over the terms
+that `coverage.plan_terms` found. Norms are computed in float32 (float64 for float64 models), never in
+half precision, with autocast off; a covered layer's norm is clamped at `min_norm` so that a
+collapsing layer cannot produce inf or NaN.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .analysis.structure import Chain, Structure, WeightLayer
-from .audit import Analysis, homogeneous_layers
+from ..audit import Analysis
+from .coverage import Coverage, modes_restored, plan_terms, unwrap_model
 
-# One place for the defaults; the experiments (issue 5) may retune these two values.
+# One place for the defaults; the experiments (issue 5) chose these two values.
 DEFAULT_FORM = "log"
 DEFAULT_STRENGTH = 2e-3  # chosen from docs/results.md (validation-selected in most cells, 10-30x below collapse)
 FORMS = ("log", "balanced")
 # Norms below this are clamped (value and gradient) so a collapsing layer cannot produce inf/NaN.
 DEFAULT_MIN_NORM = 1e-6
-
-NORMALIZERS = {
-    "layer_norm",
-    "group_norm",
-    "instance_norm",
-    "rms_norm",
-    "batch_norm",
-    "batch_norm_train",
-    "batch_norm_unfoldable",
-}
-
-
-@dataclass
-class CoveredLayer:
-    """One covered layer: which tensor carries its scale, and which term it belongs to."""
-
-    name: str
-    weight: str  # state_dict key of the weight (conv/linear)
-    carrier: str  # the parameter the main term's gradient reaches: the weight, or the BN's gamma
-    bias: str | None  # the parameter holding its (effective) bias: its own bias or the BN's beta
-    term: str  # "chain 3" or "block 1 branch" / "block 1 projection"
-    folded_bn: str | None = None
-
-
-@dataclass
-class ExcludedWeight:
-    name: str
-    key: str
-    reason: str
-
-
-@dataclass
-class Coverage:
-    covered: list[CoveredLayer]
-    excluded: list[ExcludedWeight]
-    form: str
-    strength: float
-
-    def __str__(self) -> str:
-        lines = [
-            f"WeightScaleRegularizer(form={self.form}, strength={self.strength:g}): "
-            f"{len(self.covered)} layers covered, {len(self.excluded)} weights excluded"
-        ]
-        for layer in self.covered:
-            if layer.carrier != layer.weight:
-                folded = f"folded norm of {layer.weight} with {layer.folded_bn}"
-                lines.append(f"  + {layer.carrier} ({folded}) [{layer.term}]")
-            else:
-                lines.append(f"  + {layer.weight} [{layer.term}]")
-        for item in self.excluded:
-            lines.append(f"  - {item.key}: {item.reason}")
-        return "\n".join(lines)
-
-
-@dataclass
-class _Unit:
-    layer: WeightLayer
-    term: int
-    role: str  # "chain" | "branch" | "projection"
-    position: int  # index inside its chain
-    chain: int  # index of its chain among kept chains (for the bias term)
-
-
-@dataclass
-class _Term:
-    label: str
-    kind: str  # "chain" | "block"
-    units: list[int] = field(default_factory=list)
-    projection: int | None = None  # unit index of a projection shortcut
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's module behind DDP / DataParallel / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
-
-
-@contextlib.contextmanager
-def _modes_restored(model: nn.Module) -> Iterator[None]:
-    """analyze() switches the model to eval mode; give the user back the modes they had."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
@@ -146,33 +29,12 @@ def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(path) if path else model), attr
 
 
-def _feeds_normalizer(analysis: Analysis, chain: Chain) -> str | None:
-    """Name of a normalization op reached from the chain's output through degree-1 ops, if any."""
-    from .ops import Role, spec_of
-
-    graph, consumers = analysis.graph, analysis.structure.consumers
-    frontier, seen = [chain.layers[-1].out], set()
-    while frontier:
-        current = frontier.pop()
-        for reader in consumers.get(current, []):
-            if reader in seen:
-                continue
-            seen.add(reader)
-            node = graph.nodes[reader]
-            if node.op in NORMALIZERS:
-                return node.label
-            spec = spec_of(node.op)
-            if spec is not None and spec.role is Role.HOMOGENEOUS and len(node.inputs) == 1:
-                frontier.append(reader)
-    return None
-
-
 class WeightScaleRegularizer:
     """Invariant penalty over a model's homogeneous chains and residual blocks.
 
     Build it from the model (it runs `wssi_audit.analyze` itself; give `example_inputs` for models
     FX cannot trace) or from an existing `Analysis` with `from_analysis`. Use `penalty()` as a loss
-    term, or `add_gradients_()` (what `attach` does before each optimizer step).
+    term, or `add_gradients_()` (what `attach` does at every optimizer step).
     """
 
     def __init__(
@@ -191,11 +53,11 @@ class WeightScaleRegularizer:
             raise ValueError(f"unknown form '{form}' (choose from {', '.join(FORMS)})")
         if strength < 0 or direction_strength < 0 or bias_strength < 0:
             raise ValueError("regularization strengths must be >= 0")
-        self.model = _unwrap(model)
+        self.model = unwrap_model(model)
         if analysis is None:
-            from .audit import analyze
+            from ..audit import analyze
 
-            with _modes_restored(self.model):
+            with modes_restored(self.model):
                 analysis = analyze(self.model, example_inputs, verify=False)
         self.analysis = analysis
         self.strength = float(strength)
@@ -203,7 +65,7 @@ class WeightScaleRegularizer:
         self.direction_strength = float(direction_strength)
         self.bias_strength = float(bias_strength)
         self.min_norm = float(min_norm)
-        self._build(analysis.structure)
+        self._bind(plan_terms(analysis, dict(self.model.named_parameters())))
         self._index_cache: dict[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
         self._grad_filter: tuple[list[int], list[int]] | None = None
         self._grad_ids: set[int] | None = None
@@ -212,130 +74,28 @@ class WeightScaleRegularizer:
     def from_analysis(cls, analysis: Analysis, model: nn.Module, **kwargs: Any) -> WeightScaleRegularizer:
         return cls(model, analysis=analysis, **kwargs)
 
-    # ----------------------------------------------------------------- structure -> units and terms
-    def _build(self, structure: Structure) -> None:
+    def _bind(self, plan: Any) -> None:
+        """The tensors each unit reads. Plain layers: their weight (the carrier) and bias. BN-folded
+        layers: the BN's gamma (the carrier) and beta, with the raw weight and statistics read only."""
         params = dict(self.model.named_parameters())
-        homogeneous = homogeneous_layers(structure)
-        self._excluded: list[ExcludedWeight] = []
-        in_block: dict[int, str] = {}
-        projections: set[str] = set()
-        for block in structure.blocks:
-            in_block[block.branch.id] = f"block {block.id}"
-            if block.projection is not None:
-                projections.add(block.projection.node)
-
-        def problem(layer: WeightLayer) -> str | None:
-            if layer.name not in homogeneous:
-                return "not in a homogeneous chain or residual block (a 1-layer chain next to a barrier)"
-            carrier = layer.bn.weight if layer.bn is not None else layer.weight
-            if carrier not in params:
-                return f"'{carrier}' is not a parameter of the module"
-            if not params[carrier].requires_grad:
-                return f"'{carrier}' is frozen (requires_grad=False)"
-            return None
-
-        def exclude_chain(chain: Chain, reason: str) -> None:
-            for layer in chain.layers:
-                self._excluded.append(ExcludedWeight(layer.name, layer.weight, reason))
-
-        units: list[_Unit] = []
-        terms: list[_Term] = []
-        kept_chains = 0
-
-        def add_units(chain: Chain, term: int, role: str) -> list[int]:
-            nonlocal kept_chains
-            indices = []
-            for position, layer in enumerate(chain.layers):
-                indices.append(len(units))
-                units.append(_Unit(layer, term, role, position, kept_chains))
-            kept_chains += 1
-            return indices
-
-        projection_chain = {
-            block.id: next(c for c in structure.chains if c.layers[0].node == block.projection.node)
-            for block in structure.blocks
-            if block.projection is not None
-        }
-        for block in structure.blocks:
-            chains = [block.branch] + ([projection_chain[block.id]] if block.id in projection_chain else [])
-            reasons = [r for c in chains for r in map(problem, c.layers) if r]
-            if reasons:
-                for c in chains:
-                    exclude_chain(c, f"residual block {block.id} not covered: {reasons[0]}")
-                continue
-            term = _Term(f"block {block.id}", "block")
-            term.units = add_units(block.branch, len(terms), "branch")
-            if block.id in projection_chain:
-                term.projection = add_units(projection_chain[block.id], len(terms), "projection")[0]
-            terms.append(term)
-        for chain in structure.chains:
-            if chain.id in in_block or chain.layers[0].node in projections:
-                continue
-            reasons = [r for r in map(problem, chain.layers) if r]
-            if reasons:
-                exclude_chain(chain, reasons[0])
-                continue
-            normalizer = _feeds_normalizer(self.analysis, chain)
-            if normalizer is not None:
-                exclude_chain(chain, f"chain output feeds normalization '{normalizer}': its scale is unidentifiable")
-                continue
-            term = _Term(f"chain {chain.id}", "chain")
-            term.units = add_units(chain, len(terms), "chain")
-            terms.append(term)
-
-        self._units, self._terms = units, terms
-        has_blocks = any(t.kind == "block" for t in terms)
-        # Balanced-form components: per chain without residual blocks, else one for the whole network.
-        self._component = [0 if has_blocks else index for index in range(len(terms))]
-        self._components = max(self._component, default=-1) + 1
-
-        # Carrier parameters. Plain layers: their weight. BN-folded layers: the BN's gamma.
+        units = plan.units
+        self._units, self._terms = units, plan.terms
+        self._component, self._components = plan.component, plan.components
+        self._covered, self._excluded = plan.covered, plan.excluded
         self._plain = [i for i, u in enumerate(units) if u.layer.bn is None]
         self._folded = [i for i, u in enumerate(units) if u.layer.bn is not None]
         self._plain_weights = [params[units[i].layer.weight] for i in self._plain]
-        self._gammas = [params[units[i].layer.bn.weight] for i in self._folded]  # type: ignore[union-attr]
+        self._gammas = [params[units[i].layer.bn.weight] for i in self._folded]
         self._folded_weights = [self._module_tensor(units[i].layer.weight) for i in self._folded]
-        self._bn_modules = [_owner(self.model, units[i].layer.bn.weight)[0] for i in self._folded]  # type: ignore[union-attr]
-        self._bn_eps = [float(units[i].layer.bn.eps) for i in self._folded]  # type: ignore[union-attr]
-        for i in self._folded:
-            layer = units[i].layer
-            assert layer.bn is not None
-            self._excluded.append(
-                ExcludedWeight(
-                    layer.name,
-                    layer.weight,
-                    f"feeds BatchNorm '{layer.bn.name}' (scale-free in train mode): the folded norm is "
-                    f"penalized through its gamma '{layer.bn.weight}'; this weight keeps its own weight decay",
-                )
-            )
-        # Biases (for the bias term and for attach's no-decay group): own bias, or the BN's beta.
-        self._bias_keys: list[str | None] = []
-        for unit in units:
-            layer = unit.layer
-            key = layer.bn.bias if layer.bn is not None else layer.bias
-            self._bias_keys.append(key if key in params else None)
+        self._bn_modules = [_owner(self.model, units[i].layer.bn.weight)[0] for i in self._folded]
+        self._bn_eps = [float(units[i].layer.bn.eps) for i in self._folded]
+        self._bias_keys = [covered.bias for covered in plan.covered]
         self._plain_bias_units = [i for i in self._plain if self._bias_keys[i] is not None]
-        self._plain_biases = [params[self._bias_keys[i]] for i in self._plain_bias_units]  # type: ignore[index]
-        self._folded_betas = [params[self._bias_keys[i]] for i in self._folded]  # type: ignore[index]
+        self._plain_biases = [params[self._bias_keys[i]] for i in self._plain_bias_units]
+        self._folded_betas = [params[self._bias_keys[i]] for i in self._folded]
         self._folded_conv_bias = [
             self._module_tensor(units[i].layer.bias) if units[i].layer.bias else None for i in self._folded
         ]
-        self._params_by_key = params
-        self._covered = [
-            CoveredLayer(
-                name=u.layer.name,
-                weight=u.layer.weight,
-                carrier=u.layer.bn.weight if u.layer.bn is not None else u.layer.weight,
-                bias=self._bias_keys[i],
-                term=terms[u.term].label + ("" if u.role == "chain" else f" {u.role}"),
-                folded_bn=u.layer.bn.name if u.layer.bn is not None else None,
-            )
-            for i, u in enumerate(units)
-        ]
-        covered_names = {u.layer.name for u in units} | {e.name for e in self._excluded}
-        for layer in structure.layers:
-            if layer.name not in covered_names:
-                self._excluded.append(ExcludedWeight(layer.name, layer.weight, "not part of any chain term"))
 
     def _module_tensor(self, key: str) -> torch.Tensor:
         owner, attr = _owner(self.model, key)
@@ -643,69 +403,3 @@ def _grads_of(params: list[torch.Tensor]) -> list[torch.Tensor]:
 def _split_like(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     pieces = torch.split(flat, [t.numel() for t in like])
     return [piece.view_as(t).to(t.dtype) for piece, t in zip(pieces, like)]
-
-
-# ------------------------------------------------------------------------------------------- attach
-@dataclass
-class RegularizerHandle:
-    """Returned by `attach`; `.remove()` restores the optimizer's groups and removes the hook."""
-
-    regularizer: WeightScaleRegularizer
-    optimizer: torch.optim.Optimizer
-    _hook: Any
-    _moved: list[tuple[dict[str, Any], list[Any], dict[str, Any]]]  # (source group, its old params, new group)
-    removed: bool = False
-
-    def penalty(self) -> torch.Tensor:
-        return self.regularizer.penalty()
-
-    def coverage(self) -> Coverage:
-        return self.regularizer.coverage()
-
-    def remove(self) -> None:
-        if self.removed:
-            return
-        self._hook.remove()
-        for source, old_params, new_group in self._moved:
-            source["params"] = old_params
-            self.optimizer.param_groups[:] = [g for g in self.optimizer.param_groups if g is not new_group]
-        self.removed = True
-
-
-def attach(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    strength: float = DEFAULT_STRENGTH,
-    form: str = DEFAULT_FORM,
-    *,
-    example_inputs: Sequence[Any] | torch.Tensor | None = None,
-    regularizer: WeightScaleRegularizer | None = None,
-    **options: Any,
-) -> RegularizerHandle:
-    """Regularize `model` invariantly inside `optimizer`: covered parameters move to param groups with
-    weight_decay 0 (copies of their old groups' other settings), and the penalty's gradient is added to
-    their `.grad` right before every `optimizer.step()`. Call it before building an LR scheduler (it
-    adds param groups). Gradient clipping done before `step()` does not see the penalty's gradient.
-    """
-    reg = regularizer or WeightScaleRegularizer(model, example_inputs, strength=strength, form=form, **options)
-    # Only parameters this optimizer updates (and zeroes) receive the penalty's gradient.
-    reg.restrict_gradients_to([p for group in optimizer.param_groups for p in group["params"]])
-    covered = {id(p) for p in reg.covered_parameters()}
-    moved: list[tuple[dict[str, Any], list[Any], dict[str, Any]]] = []
-    for group in list(optimizer.param_groups):
-        taken = [p for p in group["params"] if id(p) in covered]
-        if not taken:
-            continue
-        old = list(group["params"])
-        group["params"] = [p for p in old if id(p) not in covered]
-        new_group = {k: v for k, v in group.items() if k != "params"}
-        new_group["weight_decay"] = 0.0
-        new_group["params"] = taken
-        optimizer.param_groups.append(new_group)
-        moved.append((group, old, new_group))
-
-    def hook(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
-        reg.add_gradients_()
-
-    handle = optimizer.register_step_pre_hook(hook)
-    return RegularizerHandle(reg, optimizer, handle, moved)

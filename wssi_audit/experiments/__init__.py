@@ -4,6 +4,7 @@
 regimes x seeds), and writes raw JSON, tables and plots. See docs/results.md.
 """
 
-from .runner import ExperimentConfig, default_config, quick_config, run_experiments
+from .config import ExperimentConfig, default_config, large_config, quick_config
+from .runner import run_experiments
 
-__all__ = ["ExperimentConfig", "default_config", "quick_config", "run_experiments"]
+__all__ = ["ExperimentConfig", "default_config", "large_config", "quick_config", "run_experiments"]

@@ -7,10 +7,9 @@ import random
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .runner import ExperimentConfig
+from .config import ExperimentConfig, public_record
 
 Record = dict[str, Any]
 BEGIN, END = "<!-- BEGIN GENERATED RESULTS -->", "<!-- END GENERATED RESULTS -->"
@@ -608,8 +607,6 @@ def write_outputs(results: dict[str, Any], config: ExperimentConfig) -> None:
 def rebuild(raw_path: str | Path, summary_path: str | Path, config: ExperimentConfig | None = None) -> dict[str, Any]:
     """Recompute summaries, plots and Markdown from a raw dump (`dump_raw`) and the run's
     summary.json (demo, machine, timing), without training anything."""
-    from .runner import ExperimentConfig, _public
-
     raw = json.loads(Path(raw_path).read_text())
     summary = json.loads(Path(summary_path).read_text())
     if config is None:
@@ -621,6 +618,6 @@ def rebuild(raw_path: str | Path, summary_path: str | Path, config: ExperimentCo
     results: dict[str, Any] = {key: summary[key] for key in ("config", "machine", "demo", "selection", "seconds")}
     results["attack"] = summary.get("attack") or next((r["attack"] for r in runs if "attack" in r), None)
     results["analysis"] = analyse(runs, selection, config, dump=False)
-    results["runs"] = [_public(r) for r in runs]
+    results["runs"] = [public_record(r) for r in runs]
     write_outputs(results, config)
     return results

@@ -26,8 +26,7 @@ def register(app: typer.Typer) -> None:
         validation split, and write results.md with tables and plots (docs/results.md shows ours)."""
         import torch
 
-        from ..experiments import default_config, quick_config, run_experiments
-        from ..experiments.runner import large_config
+        from ..experiments import default_config, large_config, quick_config, run_experiments
 
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise InputError("--device cuda: CUDA is not available on this machine")
