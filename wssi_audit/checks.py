@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, describe
 from .report import Report
 
 if sys.version_info >= (3, 11):
@@ -162,7 +162,7 @@ def load_baseline(path: str | Path, doc: Mapping[str, Any] | None = None) -> Map
     except FileNotFoundError:
         raise InputError(f"baseline report not found: {path}") from None
     except (OSError, ValueError) as error:
-        raise InputError(f"cannot read baseline report {path}: {type(error).__name__}: {error}"[:300]) from None
+        raise InputError(f"cannot read baseline report {path}: {describe(error)}") from None
     candidates = data if isinstance(data, list) else [data]
     candidates = [c for c in candidates if isinstance(c, dict) and "summary" in c and "trace" in c]
     if not candidates:
@@ -193,7 +193,7 @@ def read_config(path: str | Path | None = None) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
-        raise InputError(f"cannot read config {path}: {type(error).__name__}: {error}"[:300]) from None
+        raise InputError(f"cannot read config {path}: {describe(error)}") from None
     table = data.get("tool", {}).get("wssi-audit")
     if table is None:
         table = {k: v for k, v in data.items() if k != "tool"} if explicit and path.name != "pyproject.toml" else {}

@@ -11,8 +11,9 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from .errors import EXIT_USAGE, WssiError
+from .errors import EXIT_USAGE, WssiError, describe
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,7 +33,7 @@ def debug_enabled() -> bool:
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
-    error_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    error_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -54,10 +55,7 @@ def handle_errors(function: F) -> F:
         except Exception as error:
             if debug_enabled():
                 raise
-            lines = str(error).strip().splitlines()
-            raise fail(
-                f"internal error: {type(error).__name__}: {lines[0] if lines else ''} (rerun with --debug)", 4
-            ) from None
+            raise fail(f"internal error: {describe(error)} (rerun with --debug)", 4) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError, TraceError
+from .errors import InputError, TraceError, describe, shorten
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -110,7 +110,7 @@ def _build_from_state_dict(state: dict[str, torch.Tensor], arch: str | None, pat
     except RuntimeError as error:
         first = str(error).strip().splitlines()
         detail = " ".join(line.strip() for line in first[1:3]) or first[0]
-        raise InputError(f"state dict does not match --arch '{arch}': {detail}"[:400]) from None
+        raise InputError(shorten(f"state dict does not match --arch '{arch}': {detail}", 400)) from None
     return model.eval()
 
 
@@ -138,7 +138,7 @@ def _load_torchscript(path: Path, example_inputs: tuple[Any, ...] | None) -> Loa
     try:
         scripted = torch.jit.load(str(path), map_location="cpu")
     except Exception as error:
-        raise InputError(f"cannot read TorchScript archive {path.name}: {error}"[:300]) from None
+        raise InputError(f"cannot read TorchScript archive {path.name}: {describe(error)}") from None
     if example_inputs is None:
         raise InputError(
             f"{path.name} is a TorchScript archive: give --input-shape so it can be converted "
@@ -184,7 +184,7 @@ def load_model(
             with _silenced("torch.export"):
                 program = torch.export.load(str(path))
         except Exception as error:
-            raise InputError(f"cannot read torch.export archive {path.name}: {_short(error)}") from None
+            raise InputError(f"cannot read torch.export archive {path.name}: {describe(error)}") from None
         return LoadedModel(program, "torch.export", str(path), example_inputs)
     if suffix == ".safetensors":
         try:
@@ -192,7 +192,7 @@ def load_model(
 
             state = load_file(str(path))
         except Exception as error:
-            raise InputError(f"cannot read safetensors file {path.name}: {_short(error)}") from None
+            raise InputError(f"cannot read safetensors file {path.name}: {describe(error)}") from None
         return LoadedModel(_build_from_state_dict(state, arch, path), "safetensors", str(path), example_inputs)
     if suffix not in STATE_DICT_SUFFIXES and not zipfile.is_zipfile(path):
         raise InputError(
@@ -204,7 +204,7 @@ def load_model(
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "GLOBAL" not in str(error) and "global" not in str(error):
-            raise InputError(f"cannot read {path.name} as a PyTorch file: {_short(error)}") from None
+            raise InputError(f"cannot read {path.name} as a PyTorch file: {describe(error)}") from None
         if not trust_pickle:
             raise InputError(
                 f"{path.name} contains pickled Python objects ({_pickle_global(error)}); refusing to "
@@ -213,9 +213,9 @@ def load_model(
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=False)
         except Exception as error:
-            raise InputError(f"cannot unpickle {path.name}: {_short(error)} (try --import for its classes)") from None
+            raise InputError(f"cannot unpickle {path.name}: {describe(error)} (try --import for its classes)") from None
     except Exception as error:
-        raise InputError(f"cannot read {path.name} as a PyTorch file: {_short(error)}") from None
+        raise InputError(f"cannot read {path.name} as a PyTorch file: {describe(error)}") from None
     if isinstance(obj, nn.Module):
         return LoadedModel(obj.eval(), "pickle", str(path), example_inputs)
     if isinstance(obj, torch.export.ExportedProgram):
@@ -236,11 +236,6 @@ def _silenced(logger_name: str) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
-
-
-def _short(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:200]
 
 
 def _pickle_global(error: BaseException) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import describe
 from ..ir import Graph
 from .structure import Chain
 from .weights import shift_layers
@@ -60,7 +61,7 @@ def verify_chains(graph: Graph, chains: list[Chain], seed: int = 0) -> Verificat
                 result[chain_id] = relative_error(reference, graph.runner(overrides)) <= tolerance
         return Verification(result, error, _dtype_note(graph))
     except Exception as error:
-        return Verification({c.id: None for c in chains}, None, f"verification could not run: {error}"[:300])
+        return Verification({c.id: None for c in chains}, None, f"verification could not run: {describe(error)}")
 
 
 def _dtype_note(graph: Graph) -> str:

@@ -12,7 +12,7 @@ import torch
 import typer
 
 from ..cli_support import console, handle_errors, save_atomic
-from ..errors import InputError, TraceError
+from ..errors import InputError, TraceError, describe
 from .audit import ARCH, IMPORTS, INPUT_SHAPE, SEED, TRUST_PICKLE, load_for_cli
 
 
@@ -47,8 +47,7 @@ def export_onnx(model: Any, example_inputs: Sequence[Any], path: str | Path, ops
     try:
         save_atomic(path, write)
     except Exception as error:
-        first = str(error).strip().splitlines()
-        raise TraceError(f"ONNX export failed: {type(error).__name__}: {first[0] if first else ''}"[:300]) from None
+        raise TraceError(f"ONNX export failed: {describe(error)}") from None
 
 
 def register(app: typer.Typer) -> None:

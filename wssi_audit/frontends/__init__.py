@@ -8,17 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InputError, TraceError
+from ..errors import InputError, TraceError, describe
 from ..ir import Graph, make_module_runner
 from .torch_export import example_inputs_of, export_module, trace_export
 from .torch_fx import trace_fx
 
 METHODS = ("auto", "fx", "export")
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:240]
 
 
 def graph_from_module(module: nn.Module, example_inputs: Sequence[Any] | None, method: str = "auto") -> Graph:
@@ -39,7 +34,7 @@ def graph_from_module(module: nn.Module, example_inputs: Sequence[Any] | None, m
             return fx_graph
     if example_inputs is None:
         raise TraceError(
-            f"symbolic tracing failed ({_first_line(fx_error)}); "
+            f"symbolic tracing failed ({describe(fx_error)}); "
             "give an example input shape (--input-shape) so that torch.export can be tried"
         )
     try:
@@ -48,8 +43,8 @@ def graph_from_module(module: nn.Module, example_inputs: Sequence[Any] | None, m
         if fx_graph is not None:
             fx_graph.parameter_count = count
             return fx_graph
-        reason = f"symbolic tracing failed ({_first_line(fx_error)}); " if fx_error else ""
-        raise TraceError(f"{reason}torch.export failed ({_first_line(error)})") from None
+        reason = f"symbolic tracing failed ({describe(fx_error)}); " if fx_error else ""
+        raise TraceError(f"{reason}torch.export failed ({describe(error)})") from None
     graph = trace_export(program, None, method="export")
     graph.runner = make_module_runner(module, example_inputs)
     graph.parameter_count = count
@@ -89,7 +84,7 @@ def _check_runs(model: Any, example_inputs: Sequence[Any]) -> None:
             runnable(*example_inputs)
     except Exception as error:
         shapes = ";".join(",".join(map(str, x.shape)) for x in example_inputs if torch.is_tensor(x))
-        raise InputError(f"the model does not run on inputs of shape {shapes}: {_first_line(error)}") from None
+        raise InputError(f"the model does not run on inputs of shape {shapes}: {describe(error)}") from None
 
 
 def build_graph(model: Any, example_inputs: Sequence[Any] | None = None, method: str = "auto") -> Graph:

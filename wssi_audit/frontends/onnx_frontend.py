@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import InputError, TraceError
+from ..errors import InputError, TraceError, describe
 from ..ir import Graph, Node
 
 # ONNX op_type -> canonical op (wssi_audit.ops). Ops resolved by `_convert_node` because their
@@ -119,20 +119,15 @@ def load_onnx(path: str | Path) -> Any:
     try:
         model = onnx.load(str(path))
     except Exception as error:
-        raise InputError(f"cannot read ONNX file {path.name}: {_short(error)}") from None
+        raise InputError(f"cannot read ONNX file {path.name}: {describe(error)}") from None
     if not model.graph.node:
         raise InputError(f"cannot read ONNX file {path.name}: it holds no graph (empty or not an ONNX model)")
     try:
         # Protos over 2 GB (external data) can only be checked from the file.
         onnx.checker.check_model(str(path) if path.stat().st_size > 2**31 - 1 else model)
     except Exception as error:
-        raise InputError(f"invalid ONNX model {path.name}: {_short(error)}") from None
+        raise InputError(f"invalid ONNX model {path.name}: {describe(error)}") from None
     return model
-
-
-def _short(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:200]
 
 
 @dataclass
@@ -553,7 +548,7 @@ def graph_from_onnx(model: Any, example_inputs: Sequence[Any] | None = None, see
         converter = _Converter(normalized)
         nodes = converter.convert()
     except Exception as error:
-        raise TraceError(f"cannot convert the ONNX graph: {_short(error)}") from None
+        raise TraceError(f"cannot convert the ONNX graph: {describe(error)}") from None
     tensors = dict(converter.tensors)
     # Initializers that no node uses as a parameter stay available under their own names.
     for key, array in converter.arrays.items():
@@ -574,5 +569,5 @@ def graph_from_onnx(model: Any, example_inputs: Sequence[Any] | None = None, see
         graph.runner = None
         if example_inputs is not None:
             shapes = ";".join(",".join(map(str, x.shape)) for x in inputs if torch.is_tensor(x))
-            raise InputError(f"the ONNX model does not run on inputs of shape {shapes}: {_short(error)}") from None
+            raise InputError(f"the ONNX model does not run on inputs of shape {shapes}: {describe(error)}") from None
     return graph

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..errors import describe
 from ..ir import Graph, Unanalyzed, make_module_runner
 from .fx_convert import FxConverter
 
@@ -27,11 +28,6 @@ def _trace(module: nn.Module, leaves: set[str]) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
-
-
 def find_untraceable(module: nn.Module, prefix: str = "") -> dict[str, str]:
     """Deepest submodules that fail symbolic tracing on their own: path -> reason."""
     found: dict[str, str] = {}
@@ -49,9 +45,9 @@ def find_untraceable(module: nn.Module, prefix: str = "") -> dict[str, str]:
                     _trace(child, {p[len(path) + 1 :] for p in inner})
                     found.update(inner)
                 except Exception:
-                    found[path] = _first_line(error)
+                    found[path] = describe(error)
             else:
-                found[path] = _first_line(error)
+                found[path] = describe(error)
     return found
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, describe
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 
@@ -61,13 +61,12 @@ def _load_tensor_file(path: Path) -> Dataset:
         except InputError:
             raise
         except Exception as error:
-            raise InputError(f"cannot read {path.name}: {type(error).__name__}: {error}"[:300]) from None
+            raise InputError(f"cannot read {path.name}: {describe(error)}") from None
     else:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as error:
-            first = (str(error).strip().splitlines() or [""])[0]
-            raise InputError(f"cannot read {path.name}: {type(error).__name__}: {first}"[:300]) from None
+            raise InputError(f"cannot read {path.name}: {describe(error)}") from None
         if not isinstance(obj, dict) or "x" not in obj or "y" not in obj:
             raise InputError(f"{path.name} must hold a dict with tensors 'x' and 'y'")
         x, y = obj["x"], obj["y"]
@@ -114,7 +113,7 @@ def _load_folder(path: Path) -> Dataset:
                     image = image.resize(size)
                 arrays.append(np.asarray(image, dtype=np.float32) / 255.0)
         except Exception as error:
-            raise InputError(f"cannot read image {file}: {type(error).__name__}: {error}"[:300]) from None
+            raise InputError(f"cannot read image {file}: {describe(error)}") from None
     x = torch.from_numpy(np.stack(arrays))
     x = x.unsqueeze(1) if mode == "L" else x.permute(0, 3, 1, 2)
     y = torch.tensor([label for _, label in files], dtype=torch.long)

@@ -31,7 +31,7 @@ from rich.table import Table
 from torch import nn
 
 from ..cli_support import save_atomic, write_atomic
-from ..errors import InputError, WssiError
+from ..errors import InputError, WssiError, describe
 from ..regularizer import DEFAULT_FORM, DEFAULT_STRENGTH, FORMS, WeightScaleRegularizer, attach
 from .data import Split, load_dataset, split_dataset
 
@@ -117,11 +117,6 @@ def _load_trainable(model_path: Path, arch: str | None, trust_pickle: bool, exam
     return _Trainable(loaded.model.float(), loaded.format)
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:200]
-
-
 def _check_shapes(trainable: _Trainable, split: Split) -> None:
     """Run one batch: a data/model mismatch becomes one clear line instead of a traceback mid-run."""
     count = trainable.chunk or min(2, split.train_x.shape[0])
@@ -131,7 +126,7 @@ def _check_shapes(trainable: _Trainable, split: Split) -> None:
             out = _forward_eval(trainable, sample)
     except Exception as error:
         raise InputError(
-            f"data examples of shape {split.sample_shape} do not fit the model: {_first_line(error)}"
+            f"data examples of shape {split.sample_shape} do not fit the model: {describe(error)}"
         ) from None
     if out.dim() != 2 or out.shape[0] != count:
         raise InputError(f"the model outputs shape {tuple(out.shape)}; fine-tuning needs class logits (batch, classes)")
@@ -356,7 +351,7 @@ def run_finetune(
         try:
             state = torch.load(str(checkpoint_path), map_location="cpu", weights_only=True)
         except Exception as error:
-            raise InputError(f"cannot read checkpoint {checkpoint_path.name}: {_first_line(error)}") from None
+            raise InputError(f"cannot read checkpoint {checkpoint_path.name}: {describe(error)}") from None
         if state.get("version") != CHECKPOINT_VERSION or state.get("config") != config:
             raise InputError(
                 f"checkpoint {checkpoint_path.name} belongs to a run with other settings or another input "
