@@ -31,7 +31,7 @@ from ..checks import (
 from ..cli_support import console, error_console, handle_errors, write_atomic
 from ..errors import EXIT_INCONSISTENT, EXIT_OK, EXIT_RULE_FAILED, EXIT_USAGE, WssiError
 from ..loading import LoadedModel
-from .audit import ARCH, IMPORTS, INPUT_SHAPE, METHOD, SEED, TRUST_PICKLE, check_trace_method, load_for_cli
+from .audit import ARCH, IMPORTS, INPUT_SHAPE, MEASURE, METHOD, SEED, TRUST_PICKLE, check_trace_method, load_for_cli
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 every rule passed; 1 a rule failed; 2 usage or input error (bad option, config, "
@@ -184,14 +184,19 @@ def render_github(outcomes: list[ModelOutcome]) -> str:
 
 
 def check_models(
-    models: list[Path], rules: Rules, load: Callable[[Path], LoadedModel], method: str = "auto", seed: int = 0
+    models: list[Path],
+    rules: Rules,
+    load: Callable[[Path], LoadedModel],
+    method: str = "auto",
+    seed: int = 0,
+    measure: bool = True,
 ) -> list[ModelOutcome]:
     """Audit and check each model; an unreadable model becomes an error outcome, not an abort."""
     outcomes = []
     for path in models:
         outcome = ModelOutcome(str(path))
         try:
-            report = analyze(load(path), method=method, verify=True, seed=seed).report
+            report = analyze(load(path), method=method, verify=True, measure=measure, seed=seed).report
             outcome.document = report.to_dict()
             outcome.results = run_checks(outcome.document, rules)  # reads rules.baseline itself
         except WssiError as error:
@@ -221,7 +226,12 @@ def register(app: typer.Typer) -> None:
             None, "--min-coverage", help="Fail when less than this fraction of ops (0..1) is analysed."
         ),
         require_verified: bool | None = typer.Option(
-            None, "--require-verified/--no-require-verified", help="Fail unless every chain is verified."
+            None,
+            "--require-verified/--no-require-verified",
+            help="Fail unless every chain of 2+ layers is verified (not failed, not unverifiable).",
+        ),
+        fail_on: str | None = typer.Option(
+            None, "--fail-on", help="Fail on findings of this severity or worse: error (default), warning, info, none."
         ),
         baseline: Path | None = typer.Option(
             None, "--baseline", help="Earlier JSON report: fail when a metric regressed by more than --tolerance."
@@ -238,6 +248,7 @@ def register(app: typer.Typer) -> None:
         trust_pickle: bool = TRUST_PICKLE,
         imports: list[str] = IMPORTS,
         method: str = METHOD,
+        measure: bool = MEASURE,
         seed: int = SEED,
     ) -> None:
         check_trace_method(method)
@@ -247,6 +258,7 @@ def register(app: typer.Typer) -> None:
             "max_log10_gradient_bound": max_log10_gradient_bound,
             "min_coverage": min_coverage,
             "require_verified": require_verified,
+            "fail_on": fail_on,
             "baseline": str(baseline) if baseline is not None else None,
             "tolerance": tolerance,
         }
@@ -257,7 +269,7 @@ def register(app: typer.Typer) -> None:
         def load(path: Path) -> LoadedModel:
             return load_for_cli(path, arch, input_shape, trust_pickle, imports, seed)
 
-        outcomes = check_models(models, rules, load, method, seed)
+        outcomes = check_models(models, rules, load, method, seed, measure)
         text = _render(outcomes, output_format)
         if output is not None:
             write_atomic(output, text)
