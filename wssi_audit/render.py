@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import io
+import math
 
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .report import Report
+from .report import LayerRecord, Report
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     if value is None:
         return "–"
+    if math.isnan(value):
+        return "non-finite"
     return f"{value:.{digits}f}"
+
+
+def _layer_log(layer: LayerRecord) -> str:
+    """A layer's log10 norm, or what it is instead: an all-zero layer, or one holding NaN/Inf."""
+    return {"zero": "zero", "non_finite": "non-finite"}.get(layer.status) or _fmt(layer.log10_frobenius, 2)
 
 
 VERIFICATION_STYLE = {
@@ -102,7 +110,7 @@ def render_console(report: Report, console: Console, *, layers: bool = False, ex
         chains.add_row(
             str(chain.id),
             Text("\n".join(chain.layers)),
-            "\n".join(_fmt(layer_of[n].log10_frobenius, 2) for n in chain.layers),
+            "\n".join(_layer_log(layer_of[n]) for n in chain.layers),
             _fmt(chain.log10_intrinsic_norm, 2),
             _fmt(chain.imbalance_decades, 2),
             _fmt(chain.wd_excess, 2),
@@ -201,7 +209,7 @@ def render_markdown(report: Report) -> str:
     ]
     out += ["|---:|---|---|---:|---:|---:|---|"]
     for chain in report.chains:
-        norms = " ".join(_fmt(layer_of[n].log10_frobenius, 2) for n in chain.layers)
+        norms = " ".join(_layer_log(layer_of[n]) for n in chain.layers)
         verified = VERIFICATION_STYLE.get(chain.verification, (chain.verification, ""))[0]
         verified = "**FAILED**" if chain.verification == "failed" else verified
         out.append(

@@ -53,15 +53,18 @@ def measured_log10_gradient(runner: Runner | None, steps: int = 6, seed: int = 0
                 u = u / u.norm().clamp_min(1e-30)
                 w = pullback(u)
                 norm = math.sqrt(sum(float(x.detach().double().square().sum()) for x in w))
+                if not math.isfinite(norm):
+                    return None, "not measured: the gradient is not finite", ""
                 best = max(best, norm)
-                if norm == 0.0 or not math.isfinite(norm) or step == steps - 1:
+                if norm == 0.0 or step == steps - 1:
                     break
                 w = tuple(x / norm for x in w)
                 _, u = torch.func.jvp(outputs_of, primal, w)
-                best = max(best, float(u.detach().norm()))
+                image = float(u.detach().norm())
+                if not math.isfinite(image):
+                    return None, "not measured: the gradient is not finite", ""
+                best = max(best, image)
     except Exception as error:
         return None, f"not measured: {describe(error)}", ""
-    if not math.isfinite(best):
-        return None, "not measured: the gradient is not finite", ""
     value = math.log10(best) if best > 0 else float("-inf")
     return value, "", METHOD.format(steps=steps)

@@ -321,6 +321,8 @@ def log10_path2_norm(graph: Graph, structure: Structure) -> float | None:
     """
     if len(structure.chains) != 1 or any(s.status.value in ("barrier", "unknown") for s in structure.statuses.values()):
         return None
+    if any(layer_status(layer, graph.tensors) == NON_FINITE for layer in structure.chains[0].layers):
+        return None
     chain = structure.chains[0]
     if any(layer.op != "linear" for layer in chain.layers) or len(graph.inputs()) != 1:
         return None
