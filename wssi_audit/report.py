@@ -167,6 +167,13 @@ class Report:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
 
+def schema_text() -> str:
+    """The JSON Schema of `Report.to_dict()`, as shipped in the package."""
+    from importlib.resources import files
+
+    return files(__package__).joinpath("report.schema.json").read_text()
+
+
 def _finite(value: Any) -> Any:
     """JSON has no infinities: a non-finite float (a collapsed, all-zero layer) becomes null."""
     if isinstance(value, float):

@@ -65,6 +65,10 @@ def register(app: typer.Typer) -> None:
         output: Path | None = typer.Option(None, "--output", "-o", help="Write the report here instead of stdout."),
         layers: bool = typer.Option(False, "--layers", help="Also show the per-layer table."),
         explain: bool = typer.Option(False, "--explain", help="Add a glossary: what each number means."),
+        plot: Path | None = typer.Option(
+            None, "--plot", help="Also write a PNG: layer norms by depth, imbalance, gradient figures."
+        ),
+        html: Path | None = typer.Option(None, "--html", help="Also write a standalone HTML report with the figures."),
         verify: bool = typer.Option(
             True, "--verify/--no-verify", help="Check every chain by weight scale shifts, with a control."
         ),
@@ -78,6 +82,7 @@ def register(app: typer.Typer) -> None:
         check_trace_method(method)
         loaded = load_for_cli(model, arch, input_shape, trust_pickle, imports, seed)
         report = analyze(loaded, method=method, verify=verify, measure=measure, seed=seed).report
+        write_pictures(report, plot, html)
         if output_format is OutputFormat.json:
             text = report.to_json() + "\n"
         elif output_format is OutputFormat.markdown:
@@ -96,6 +101,20 @@ def register(app: typer.Typer) -> None:
         else:
             render_console(report, console, layers=layers, explain=explain)
         raise typer.Exit(report_exit_code(report))
+
+
+def write_pictures(report: Report, plot: Path | None, html: Path | None) -> None:
+    """--plot and --html: rendered first, then written atomically (never a partial file)."""
+    if plot is None and html is None:
+        return
+    from ..plots import figure_png, report_html
+
+    if plot is not None:
+        write_atomic(plot, figure_png(report))
+        console.print(f"figure written to {plot}", highlight=False)
+    if html is not None:
+        write_atomic(html, report_html(report))
+        console.print(f"HTML report written to {html}", highlight=False)
 
 
 def report_exit_code(report: Report) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -45,6 +46,7 @@ class CheckFormat(str, Enum):
     json = "json"
     junit = "junit"
     github = "github"
+    sarif = "sarif"
 
 
 @dataclass
@@ -183,6 +185,104 @@ def render_github(outcomes: list[ModelOutcome]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SARIF_LEVEL = {"error": "error", "warning": "warning", "info": "note"}
+RULE_HELP = {
+    "self-check": "A chain changed its output under a function-preserving weight scale shift: an analyzer bug.",
+    "load": "The model file could not be read or traced.",
+    "require-verified": "Every chain of 2+ layers must pass its scale-shift self-check with a control.",
+    "max-imbalance": "Largest spread of log10 layer norms inside a chain (decades); fix: wssi-audit balance.",
+    "max-log10-intrinsic-norm": "Largest log10 product of a chain's layer norms.",
+    "max-log10-gradient-bound": "log10 of the certified input-gradient (Lipschitz) bound.",
+    "min-coverage": "Share of the graph's ops that the op table knows.",
+}
+
+
+def _sarif_rule(rule_id: str) -> dict[str, Any]:
+    text = RULE_HELP.get(rule_id) or RULE_HELP.get(rule_id.split(":")[0], "")
+    if rule_id.startswith("finding:"):
+        text = f"wssi-audit finding '{rule_id.split(':', 1)[1]}' (see the audit report's findings)."
+    elif rule_id.startswith("baseline:"):
+        text = f"Regression of '{rule_id.split(':', 1)[1]}' against the baseline report."
+    return {
+        "id": rule_id,
+        "name": "".join(part.capitalize() for part in rule_id.replace(":", "-").split("-")),
+        "shortDescription": {"text": text or rule_id},
+        "helpUri": "https://github.com/wssi-audit/wssi-audit/blob/main/docs/ci.md",
+    }
+
+
+def render_sarif(outcomes: list[ModelOutcome]) -> str:
+    """SARIF 2.1.0: one result per failed rule or per finding, located at the model file."""
+    from .._version import __version__
+
+    rules: dict[str, int] = {}
+    results: list[dict[str, Any]] = []
+
+    def add(rule_id: str, level: str, text: str, source: str) -> None:
+        index = rules.setdefault(rule_id, len(rules))
+        uri = Path(source).as_posix()
+        fingerprint = hashlib.sha256(f"{rule_id}|{uri}|{text}".encode()).hexdigest()[:32]
+        results.append(
+            {
+                "ruleId": rule_id,
+                "ruleIndex": index,
+                "level": level,
+                "message": {"text": text},
+                "locations": [
+                    {
+                        "physicalLocation": {
+                            "artifactLocation": {
+                                "uri": uri,
+                                **({} if Path(uri).is_absolute() else {"uriBaseId": "%SRCROOT%"}),
+                            },
+                            "region": {"startLine": 1},
+                        }
+                    }
+                ],
+                "partialFingerprints": {"wssiAuditResult/v1": fingerprint},
+            }
+        )
+
+    for outcome in outcomes:
+        if outcome.error is not None:
+            add("load", "error", outcome.error, outcome.source)
+            continue
+        for r in outcome.results:
+            if r.status == FAIL and not r.name.startswith("finding:"):
+                add(r.name, "error", f"{r.name} failed: {r.message}", outcome.source)
+        for finding in (outcome.document or {}).get("findings", []):
+            add(
+                f"finding:{finding['code']}",
+                SARIF_LEVEL.get(finding["severity"], "note"),
+                f"{finding['message']}. What to do: {finding['action']}",
+                outcome.source,
+            )
+    log = {
+        "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
+        "version": "2.1.0",
+        "runs": [
+            {
+                "tool": {
+                    "driver": {
+                        "name": "wssi-audit",
+                        "version": __version__,
+                        "informationUri": "https://github.com/wssi-audit/wssi-audit",
+                        "rules": [_sarif_rule(rule_id) for rule_id in rules],
+                    }
+                },
+                "results": results,
+                "invocations": [
+                    {
+                        "executionSuccessful": all(o.error is None for o in outcomes),
+                        "exitCode": overall_exit_code(outcomes),
+                    }
+                ],
+            }
+        ],
+    }
+    return json.dumps(log, indent=2) + "\n"
+
+
 def check_models(
     models: list[Path],
     rules: Rules,
@@ -240,7 +340,7 @@ def register(app: typer.Typer) -> None:
             None, "--tolerance", help="Allowed regression vs --baseline, in the metric's units (default 0.05)."
         ),
         output_format: CheckFormat = typer.Option(
-            CheckFormat.table, "--format", "-f", help="table, json, junit or github."
+            CheckFormat.table, "--format", "-f", help="table, json, junit, github or sarif (code scanning)."
         ),
         output: Path | None = typer.Option(None, "--output", "-o", help="Write the result here instead of stdout."),
         arch: str | None = ARCH,
@@ -289,6 +389,8 @@ def _render(outcomes: list[ModelOutcome], output_format: CheckFormat) -> str:
         return render_junit(outcomes)
     if output_format is CheckFormat.github:
         return render_github(outcomes)
+    if output_format is CheckFormat.sarif:
+        return render_sarif(outcomes)
     buffer = io.StringIO()
     render_table(outcomes, Console(file=buffer, width=max(console.width, 100), force_terminal=console.is_terminal))
     return buffer.getvalue()
