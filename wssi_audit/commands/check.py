@@ -320,7 +320,9 @@ def register(app: typer.Typer) -> None:
             None, "--max-log10-intrinsic-norm", help="Fail when a chain's log10 intrinsic norm exceeds this."
         ),
         max_log10_gradient_bound: float | None = typer.Option(
-            None, "--max-log10-gradient-bound", help="Fail when log10 of the input-gradient bound exceeds this."
+            None,
+            "--max-log10-gradient-bound",
+            help="Fail when log10 of the certified input-gradient bound exceeds this.",
         ),
         min_coverage: float | None = typer.Option(
             None, "--min-coverage", help="Fail when less than this fraction of ops (0..1) is analysed."
