@@ -14,7 +14,6 @@ import importlib
 import io
 import logging
 import math
-import os
 import pickle
 import re
 import sys
@@ -30,6 +29,7 @@ from torch import nn
 from .errors import InputError, TraceError, describe, shorten
 from .safe_archive import (
     VerifiedZip,
+    physical_memory,
     pickle_global,
     read_verified_zip,
     scan_pt2,
@@ -56,13 +56,6 @@ INPUT_MEMORY_FRACTION = 0.25
 DIMENSION = re.compile(r"\s*[0-9]+\s*")
 
 
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not POSIX: assume a small machine
-        return 8 * 2**30
-
-
 def parse_input_shape(text: str | None) -> list[tuple[int, ...]] | None:
     """'1,3,32,32' -> [(1,3,32,32)]; several inputs separated by ';'. Empty dimensions (1,,8),
     zeros and sizes the machine cannot hold are input errors."""
@@ -78,12 +71,12 @@ def parse_input_shape(text: str | None) -> list[tuple[int, ...]] | None:
             raise InputError(f"bad --input-shape '{text}': every dimension must be a positive integer")
         shapes.append(dims)
     elements = sum(math.prod(dims) for dims in shapes)
-    budget = INPUT_MEMORY_FRACTION * _physical_memory()
+    budget = INPUT_MEMORY_FRACTION * physical_memory()
     if elements * 8 > budget:
         raise InputError(
             f"--input-shape '{text}' has {elements:.3g} elements: their float64 copy needs "
             f"{elements * 8 / 2**30:.3g} GiB, more than {INPUT_MEMORY_FRACTION:.0%} of this machine's "
-            f"{_physical_memory() / 2**30:.0f} GiB"
+            f"{physical_memory() / 2**30:.0f} GiB"
         )
     return shapes
 

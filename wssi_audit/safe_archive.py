@@ -53,6 +53,19 @@ PAYLOAD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 FACTORY_MODULES = frozenset({"builtins", "collections"})
 
 
+# Members are read into memory to be checked: their declared sizes may not exceed this share of it
+# (a few kilobytes of deflated zeros can declare gigabytes).
+MEMORY_FRACTION = 0.5
+
+
+def physical_memory() -> int:
+    """Bytes of RAM (POSIX); 8 GiB where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
 class CorruptArchive(InputError):
     """A member fails its CRC, the zip structure is damaged or ambiguous (exit 2)."""
 
@@ -84,12 +97,18 @@ def read_verified_zip(path: Path, kind: str) -> VerifiedZip:
             infos = archive.infolist()
             names = [info.filename for info in infos]
             _check_names(path, kind, names)
+            declared = sum(info.file_size for info in infos)
+            if declared > MEMORY_FRACTION * physical_memory():
+                raise InputError(
+                    f"{path.name}: its members declare {declared / 2**30:.3g} GiB, more than "
+                    f"{MEMORY_FRACTION:.0%} of this machine's memory; not read"
+                )
             contents = {}
             for info in infos:
                 if info.flag_bits & 0x1:
                     raise CorruptArchive(f"{path.name}: member {info.filename} is encrypted")
                 contents[info.filename] = archive.read(info)  # raises on a bad CRC-32
-    except CorruptArchive:
+    except InputError:
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, NotImplementedError) as error:
         raise CorruptArchive(shorten(f"{path.name} is a corrupt {kind}: {describe(error)}")) from None
