@@ -101,7 +101,7 @@ def import_modules(names: Sequence[str]) -> None:
         try:
             importlib.import_module(name)
         except Exception as error:
-            raise InputError(f"cannot import '{name}': {type(error).__name__}: {error}") from None
+            raise InputError(f"cannot import '{name}': {describe(error)}") from None
 
 
 def resolve_factory(spec: str) -> Callable[[], nn.Module]:
@@ -113,7 +113,7 @@ def resolve_factory(spec: str) -> Callable[[], nn.Module]:
     try:
         module = importlib.import_module(module_name)
     except Exception as error:
-        raise InputError(f"cannot import '{module_name}' for --arch: {type(error).__name__}: {error}") from None
+        raise InputError(f"cannot import '{module_name}' for --arch: {describe(error)}") from None
     factory: Any = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)

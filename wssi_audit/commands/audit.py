@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from ..audit import analyze
-from ..cli_support import console, handle_errors, write_atomic
+from ..cli_support import check_output_file, console, handle_errors, write_atomic
 from ..errors import EXIT_INCONSISTENT, InputError
 from ..frontends import METHODS
 from ..loading import load_model, parse_input_shape, random_inputs
@@ -26,7 +26,9 @@ ARCH = typer.Option(None, "--arch", help="Architecture for a state dict: 'packag
 INPUT_SHAPE = typer.Option(
     None, "--input-shape", help="Example input shape, e.g. 1,3,32,32 (several inputs: ';'-separated)."
 )
-TRUST_PICKLE = typer.Option(False, "--trust-pickle", help="Allow unpickling a whole module (trusted files only).")
+TRUST_PICKLE = typer.Option(
+    False, "--trust-pickle", help="Trust the file: allow pickles beyond tensors and code in .pt2/TorchScript files."
+)
 IMPORTS = typer.Option([], "--import", help="Import a module first (makes pickled classes or factories importable).")
 METHOD = typer.Option("auto", "--trace", help="How to trace an nn.Module: auto, fx or export.")
 SEED = typer.Option(0, "--seed", help="Seed of the random inputs and the random scale shifts.")
@@ -65,6 +67,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Trace a model, find its homogeneous chains and residual blocks, report norms in log10."""
         check_trace_method(method)
+        if output is not None:
+            check_output_file(output, "--output")
         loaded = load_for_cli(model, arch, input_shape, trust_pickle, imports, seed)
         report = analyze(loaded, method=method, verify=verify, seed=seed).report
         if output_format is OutputFormat.json:
