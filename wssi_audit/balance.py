@@ -347,7 +347,7 @@ def check_output_suffix(fmt: str, path: str | Path, checkpoint: Any = None) -> N
         stem = Path(path).stem if suffix in {s for v in OUTPUT_SUFFIXES.values() for s in v} else Path(path).name
         raise InputError(
             f"balance writes {what} for this {fmt} model: name the output {' or '.join(allowed)} "
-            f"(e.g. {Path(path).with_name(stem + allowed[0])}), not {Path(path).name}"
+            f"(e.g. {stem + allowed[0]}), not {Path(path).name}"
         )
     if checkpoint is not None and suffix == ".safetensors":
         raise InputError(

@@ -17,6 +17,7 @@ import math
 import pickle
 import re
 import sys
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -216,7 +217,9 @@ def _load_torchscript(archive: VerifiedZip, example_inputs: tuple[Any, ...] | No
     if not trust_pickle:
         scan_torchscript(archive)
     try:
-        scripted = torch.jit.load(archive.buffer(), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated": we know
+            scripted = torch.jit.load(archive.buffer(), map_location="cpu")
     except Exception as error:
         raise InputError(f"cannot read TorchScript archive {path.name}: {describe(error)}") from None
     if example_inputs is None:
@@ -227,7 +230,8 @@ def _load_torchscript(archive: VerifiedZip, example_inputs: tuple[Any, ...] | No
     try:
         from torch._export.converter import TS2EPConverter
 
-        with _silenced("torch"):
+        with _silenced("torch"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             program = TS2EPConverter(scripted, tuple(example_inputs)).convert()
     except Exception as error:
         raise TraceError(

@@ -19,6 +19,7 @@ import typer
 
 from ..cli_support import check_output_file, console, debug_enabled, handle_errors, save_atomic
 from ..errors import InputError, TraceError, describe
+from ..frontends import _check_runs as check_runs
 from .audit import ARCH, IMPORTS, INPUT_SHAPE, SEED, TRUST_PICKLE, load_for_cli
 
 # Loggers that print tracebacks while exporting (onnxscript's version converter, torch.onnx).
@@ -132,6 +133,17 @@ def export_onnx(model: Any, example_inputs: Sequence[Any], path: str | Path, ops
         raise TraceError(f"ONNX export failed: {describe(error)}") from None
 
 
+def _static(loaded: Any) -> Any:
+    """A converted TorchScript program has a symbolic size for every dimension, which its ONNX
+    export keeps and `audit` cannot fill in: re-exported at the example input's shapes."""
+    if loaded.format != "torchscript":
+        return loaded.model
+    try:
+        return torch.export.export(loaded.model.module(), tuple(loaded.example_inputs), strict=False)
+    except Exception as error:
+        raise TraceError(f"cannot re-export the converted TorchScript program: {describe(error)}") from None
+
+
 def register(app: typer.Typer) -> None:
     @app.command("export")
     @handle_errors
@@ -160,5 +172,6 @@ def register(app: typer.Typer) -> None:
         if inputs is None:
             raise InputError("exporting to ONNX needs an example input: give --input-shape")
         check_opset(loaded.model, opset)
-        export_onnx(loaded.model, inputs, onnx_path, opset)
+        check_runs(loaded.model, inputs)  # a wrong --input-shape is an input error, not an export failure
+        export_onnx(_static(loaded), inputs, onnx_path, opset)
         console.print(f"ONNX model written to {onnx_path}", highlight=False)
