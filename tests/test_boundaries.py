@@ -452,3 +452,39 @@ def test_wrong_shape_prints_one_line_and_no_traceback(models, tmp_path, fmt, com
     lines = process.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "does not run on inputs" in lines[0], process.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_real_lightning_checkpoint_is_audited_and_balanced_in_place(tmp_path):
+    """A checkpoint written by Lightning's Trainer: weights under state_dict as 'model.<key>',
+    next to loops, callbacks, optimizer states and hyper-parameters."""
+    lightning = pytest.importorskip("lightning")
+
+    class Module(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.save_hyperparameters({"lr": 0.05})
+            self.model = example_model("cnn")[0]
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    data = torch.utils.data.TensorDataset(torch.randn(16, 1, 8, 8), torch.arange(16) % 10)
+    trainer = lightning.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=8))
+    path = tmp_path / "lightning.ckpt"
+    trainer.save_checkpoint(path)
+    flags = ["--arch", ARCH, "--input-shape", SHAPE]
+    assert audit_json(path, *flags)["summary"]["all_verified"] is True
+    out = tmp_path / "balanced.ckpt"
+    assert run("balance", path, "-o", out, *flags).exit_code == 0
+    original, balanced = torch.load(path, weights_only=True), torch.load(out, weights_only=True)
+    assert set(balanced) == set(original) and set(balanced["state_dict"]) == set(original["state_dict"])
+    assert balanced["hyper_parameters"] == original["hyper_parameters"]
+    assert audit_json(out, *flags)["summary"]["max_imbalance_decades"] < 0.01

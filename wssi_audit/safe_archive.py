@@ -326,11 +326,15 @@ def check_program_json(document: Any, where: str) -> None:
         for key, item in value.items():
             if key == "as_operator" and isinstance(item, str):
                 check_target_name(item)
-            elif key == "expr_str" and isinstance(item, str):
+            elif key == "expr_str":  # sympify also evaluates the strings inside a list
+                if not isinstance(item, str):
+                    raise UnsafeContent(f"{where}: a shape expression is a {type(item).__name__}, not text")
                 check_shape_expression(item)
-            elif key == "guards_code" and isinstance(item, list):
+            elif key == "guards_code":
+                if not isinstance(item, list) or not all(isinstance(guard, str) for guard in item):
+                    raise UnsafeContent(f"{where}: guards_code is not a list of text")
                 for guard in item:
-                    check_guard(str(guard))
+                    check_guard(guard)
             elif key in ("in_spec", "out_spec") and isinstance(item, str):
                 _check_treespec(item, where)
             else:
