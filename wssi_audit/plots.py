@@ -20,6 +20,10 @@ from .report import Report
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 
 
+def require_matplotlib() -> None:
+    _pyplot()
+
+
 def _pyplot() -> Any:
     try:
         import matplotlib

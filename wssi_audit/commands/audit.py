@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from ..audit import analyze
-from ..cli_support import console, handle_errors, write_atomic
+from ..cli_support import check_output_file, console, handle_errors, write_atomic
 from ..errors import EXIT_INCONSISTENT, EXIT_OK, EXIT_RULE_FAILED, InputError
 from ..frontends import METHODS
 from ..loading import load_model, parse_input_shape, random_inputs
@@ -27,7 +27,9 @@ ARCH = typer.Option(None, "--arch", help="Architecture for a state dict: 'packag
 INPUT_SHAPE = typer.Option(
     None, "--input-shape", help="Example input shape, e.g. 1,3,32,32 (several inputs: ';'-separated)."
 )
-TRUST_PICKLE = typer.Option(False, "--trust-pickle", help="Allow unpickling a whole module (trusted files only).")
+TRUST_PICKLE = typer.Option(
+    False, "--trust-pickle", help="Trust the file: allow pickles beyond tensors and code in .pt2/TorchScript files."
+)
 IMPORTS = typer.Option([], "--import", help="Import a module first (makes pickled classes or factories importable).")
 METHOD = typer.Option("auto", "--trace", help="How to trace an nn.Module: auto, fx or export.")
 SEED = typer.Option(0, "--seed", help="Seed of the random inputs and the random scale shifts.")
@@ -80,6 +82,13 @@ def register(app: typer.Typer) -> None:
         Exit codes: 0 ok; 1 an error-level finding (e.g. NaN weights); 2 usage or input error;
         3 analysis inconsistency (a chain failed its self-check)."""
         check_trace_method(method)
+        for path, option in ((output, "--output"), (plot, "--plot"), (html, "--html")):
+            if path is not None:
+                check_output_file(path, option)
+        if plot is not None or html is not None:
+            from ..plots import require_matplotlib
+
+            require_matplotlib()  # before the work, not after it
         loaded = load_for_cli(model, arch, input_shape, trust_pickle, imports, seed)
         report = analyze(loaded, method=method, verify=verify, measure=measure, seed=seed).report
         write_pictures(report, plot, html)

@@ -29,7 +29,7 @@ from ..checks import (
     rules_from_config,
     run_checks,
 )
-from ..cli_support import console, error_console, handle_errors, write_atomic
+from ..cli_support import check_output_file, console, error_console, handle_errors, write_atomic
 from ..errors import EXIT_INCONSISTENT, EXIT_OK, EXIT_RULE_FAILED, EXIT_USAGE, WssiError
 from ..loading import LoadedModel
 from .audit import ARCH, IMPORTS, INPUT_SHAPE, MEASURE, METHOD, SEED, TRUST_PICKLE, check_trace_method, load_for_cli
@@ -354,6 +354,8 @@ def register(app: typer.Typer) -> None:
         seed: int = SEED,
     ) -> None:
         check_trace_method(method)
+        if output is not None:
+            check_output_file(output, "--output")
         overrides = {
             "max_imbalance": max_imbalance,
             "max_log10_intrinsic_norm": max_log10_intrinsic_norm,

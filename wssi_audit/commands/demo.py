@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ..audit import analyze
-from ..cli_support import console, handle_errors
+from ..cli_support import check_output_folder, console, handle_errors
 from ..render import render_console
 from .audit import report_exit_code
 
@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
         .pt2, then audit it."""
         from ..demo import build_demo
 
+        check_output_folder(output_dir, "--output-dir")
         with console.status("training on scikit-learn digits..."):
             result = build_demo(output_dir, arch, epochs, seed)
         console.print(

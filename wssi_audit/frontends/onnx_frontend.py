@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import InputError, TraceError, describe
+from ..errors import InputError, TraceError, describe, shorten
 from ..ir import Graph, Node, Runner
 
 # ONNX op_type -> canonical op (wssi_audit.ops). Ops resolved by `_convert_node` because their
@@ -112,22 +112,88 @@ _PARAM_INPUTS = {
 
 
 def load_onnx(path: str | Path) -> Any:
-    """Read and check an ONNX file; any problem is an `InputError` with one line."""
+    """Read and check an ONNX file; any problem is an `InputError` with one line. External data is
+    read only from regular files inside the model's folder (no absolute paths, no '..', no symlink
+    out), whatever the installed onnx version checks itself."""
     import onnx
 
     path = Path(path)
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as error:
         raise InputError(f"cannot read ONNX file {path.name}: {describe(error)}") from None
     if not model.graph.node:
         raise InputError(f"cannot read ONNX file {path.name}: it holds no graph (empty or not an ONNX model)")
+    _load_external_data(model, path)
+    missing = _unproduced_inputs(model.graph, set())
+    if missing:
+        node, name = missing[0]
+        label = f"{node.name} ({node.op_type})" if node.name else node.op_type
+        raise InputError(
+            shorten(
+                f"invalid ONNX model {path.name}: node {label} reads '{name}', which is no initializer, "
+                f"graph input or node output (a missing initializer?)"
+            )
+        )
     try:
         # Protos over 2 GB (external data) can only be checked from the file.
         onnx.checker.check_model(str(path) if path.stat().st_size > 2**31 - 1 else model)
     except Exception as error:
         raise InputError(f"invalid ONNX model {path.name}: {describe(error)}") from None
     return model
+
+
+def _external_tensors(model: Any) -> list[Any]:
+    """Every tensor of the model stored outside the .onnx file (initializers, constants, subgraphs)."""
+    from onnx import external_data_helper
+
+    return [t for t in external_data_helper._get_all_tensors(model) if external_data_helper.uses_external_data(t)]
+
+
+def _load_external_data(model: Any, path: Path) -> None:
+    from onnx import external_data_helper
+
+    tensors = _external_tensors(model)
+    if not tensors:
+        return
+    folder = path.parent.resolve()
+    for tensor in tensors:
+        info = external_data_helper.ExternalDataInfo(tensor)
+        location = info.location or ""
+        where = f"ONNX file {path.name}: tensor {tensor.name} stores its data in '{location}'"
+        parts = location.replace("\\", "/").split("/")
+        if not location or Path(location).is_absolute() or location.startswith(("/", "\\")) or ".." in parts:
+            raise InputError(shorten(f"{where}, outside the model's folder"))
+        target = folder / location
+        try:
+            real = target.resolve(strict=True)
+        except (FileNotFoundError, RuntimeError, OSError):
+            raise InputError(shorten(f"{where}, which is missing")) from None
+        if folder not in real.parents:
+            raise InputError(shorten(f"{where}, a link out of the model's folder"))
+        if not real.is_file():
+            raise InputError(shorten(f"{where}, which is not a regular file"))
+        end = (info.offset or 0) + (info.length or 0)
+        if end > real.stat().st_size:
+            raise InputError(shorten(f"{where}, which is shorter ({real.stat().st_size} bytes) than it says ({end})"))
+    try:
+        external_data_helper.load_external_data_for_model(model, str(folder))
+    except Exception as error:
+        raise InputError(f"cannot read external data of ONNX file {path.name}: {describe(error)}") from None
+
+
+def _unproduced_inputs(graph: Any, outer: set[str]) -> list[tuple[Any, str]]:
+    """(node, name) for node inputs nothing defines: no initializer, graph input, node output or
+    name of an enclosing graph."""
+    known = outer | {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    known |= {t.values.name for t in graph.sparse_initializer}
+    known |= {name for node in graph.node for name in node.output}
+    missing = [(node, name) for node in graph.node for name in node.input if name and name not in known]
+    for node in graph.node:
+        for attribute in node.attribute:
+            for subgraph in [attribute.g, *attribute.graphs] if attribute.type in (5, 10) else []:
+                missing += _unproduced_inputs(subgraph, known)
+    return missing
 
 
 @dataclass
