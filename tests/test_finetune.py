@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from wssi_audit.errors import InputError
 from wssi_audit.models import create_model
 from wssi_audit.training import TrainingDiverged, run_finetune
-from wssi_audit.training.data import load_digits, split_dataset
+from wssi_audit.training.data import load_digits, split_indices
 from wssi_audit.training.finetune import Interrupted
 
 
@@ -176,9 +176,9 @@ def test_non_finite_loss_is_a_clear_error(tmp_path: Path, small_data: Path) -> N
 
 
 def test_split_is_seeded() -> None:
-    digits = load_digits()
-    a, b, c = split_dataset(digits, 1), split_dataset(digits, 1), split_dataset(digits, 2)
-    assert torch.equal(a.val_y, b.val_y) and not torch.equal(a.val_x, c.val_x)
+    a, b, c = split_indices(300, 1), split_indices(300, 1), split_indices(300, 2)
+    assert torch.equal(a[1], b[1]) and not torch.equal(a[1], c[1])
+    assert len(a[0]) == 240 and sorted(torch.cat(a).tolist()) == list(range(300))
 
 
 def test_cli_finetune(tmp_path: Path, small_data: Path) -> None:
