@@ -117,13 +117,13 @@ def test_step_with_a_closure_adds_the_penalty_after_the_closure(as_keyword: bool
 
 
 def test_lbfgs_calls_the_closure_many_times_and_sees_the_objective() -> None:
-    batch = _batches(1, size=64)[0]
+    batch = _batches(1, size=32)[0]
     model, twin = _model(), _model()
-    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=6)
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
     attach(model, optimizer, strength=STRENGTH, example_inputs=_example())
     assert len(optimizer.param_groups) == 1  # no weight decay to take over: LBFGS keeps its single group
     reg = WeightScaleRegularizer(twin, _example(), strength=STRENGTH)
-    reference = torch.optim.LBFGS(twin.parameters(), lr=0.5, max_iter=6)
+    reference = torch.optim.LBFGS(twin.parameters(), lr=0.5, max_iter=4)
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -169,23 +169,25 @@ def test_gradient_accumulation_adds_the_penalty_once_per_step_not_per_backward()
 
 
 # --------------------------------------------------------------------------------------- GradScaler
-def _scaler_run(fused: bool, autocast: bool, mode: str) -> nn.Module:
-    """Float32 training with a CPU GradScaler. mode: "attach"; "reference" (penalty() added to the loss
-    before scaling); "plain" (no regularizer); "unscaled" (the penalty's gradient added without the scale
-    a fused kernel divides out: the mistake the test must be able to see)."""
-    model = _model(torch.float32)
-    batches = _batches(4, dtype=torch.float32)
+def _scaler_run(fused: bool, autocast: bool, mode: str, device: str = "cpu") -> nn.Module:
+    """Float32 training with a GradScaler (autocast: bf16 on CPU, fp16 on CUDA). mode: "attach";
+    "reference" (penalty() added to the loss before scaling); "plain" (no regularizer); "unscaled" (the
+    penalty's gradient added without the scale a fused kernel divides out: the mistake the test must
+    be able to see)."""
+    model = _model(torch.float32).to(device)
+    batches = [(x.to(device), y.to(device)) for x, y in _batches(4, dtype=torch.float32)]
     make = (
         (lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=WD, fused=True))
         if fused
         else (lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=WD))
     )
     reg = None
+    example = _example(torch.float32).to(device)
     if mode in ("attach", "unscaled"):
         optimizer = make(model.parameters())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DecoupledWeightDecayWarning)
-            handle = attach(model, optimizer, strength=STRENGTH, example_inputs=_example(torch.float32))
+            handle = attach(model, optimizer, strength=STRENGTH, example_inputs=example)
         if mode == "unscaled":
             handle._hook.remove()
 
@@ -194,21 +196,28 @@ def _scaler_run(fused: bool, autocast: bool, mode: str) -> nn.Module:
 
             optimizer.register_step_pre_hook(unscaled)
     elif mode == "reference":
-        reg, groups = _reference(model)
-        optimizer = make(groups)
+        reg = WeightScaleRegularizer(model, example, strength=STRENGTH)
+        covered = {id(p) for p in reg.covered_parameters()}
+        optimizer = make(
+            [
+                {"params": [p for p in model.parameters() if id(p) not in covered]},
+                {"params": [p for p in model.parameters() if id(p) in covered], "weight_decay": 0.0},
+            ]
+        )
     else:
         optimizer = make(model.parameters())
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**12)
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
     for batch in batches:
         optimizer.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device, dtype=dtype, enabled=autocast):
             loss = nn.functional.cross_entropy(model(batch[0]).float(), batch[1])
         if reg is not None:
             loss = loss + reg.penalty()
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-    return model
+    return model.cpu()
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unscaled-before-step", "fused-unscales-in-kernel"])
@@ -228,6 +237,15 @@ def test_autocast_bf16_with_grad_scaler() -> None:
     reference = _scaler_run(False, autocast=True, mode="reference")
     _assert_same(attached, reference, rtol=1e-5, atol=1e-6)
     _assert_differ(attached, _scaler_run(False, autocast=True, mode="plain"), 1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("fused", [False, True], ids=["sgd", "fused-adamw"])
+def test_cuda_fp16_autocast_with_grad_scaler(fused: bool) -> None:
+    attached = _scaler_run(fused, autocast=True, mode="attach", device="cuda")
+    reference = _scaler_run(fused, autocast=True, mode="reference", device="cuda")
+    _assert_same(attached, reference, rtol=1e-4, atol=1e-5)
+    _assert_differ(attached, _scaler_run(fused, autocast=True, mode="plain", device="cuda"), 1e-4)
 
 
 # --------------------------------------------------------------------------------------- schedulers

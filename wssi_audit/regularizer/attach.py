@@ -234,7 +234,12 @@ def attach(
     reg = regularizer or WeightScaleRegularizer(model, example_inputs, strength=strength, form=form, **options)
     covered_params = reg.covered_parameters()
     if not covered_params:
-        raise AttachError(f"nothing to regularize: no layer of this model is covered ({reg.coverage()})")
+        excluded = reg.coverage().excluded
+        first = f"; first: {excluded[0].key}: {excluded[0].reason}" if excluded else ""
+        raise AttachError(
+            f"nothing to regularize: no layer of this model is covered ({len(excluded)} weights excluded{first}); "
+            "WeightScaleRegularizer(model).coverage() lists why"
+        )
     updated = [p for group in torch_optimizer.param_groups for p in group["params"]]
     updated_ids = {id(p) for p in updated}
     if not any(id(p) in updated_ids for p in covered_params):

@@ -393,9 +393,10 @@ class _Run:
         return int(state["epoch"]), list(state["history"])
 
     # ------------------------------------------------------------------------------------- loop
-    def _step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], where: str) -> torch.Tensor:
+    def _step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """One optimizer step over `micro_batches` (gradient accumulation; exported programs in chunks).
-        Returns the step's [loss sum, correct, examples] summed over ranks."""
+        Returns the step's [loss sum, correct, examples, non-finite losses] summed over ranks, on the
+        device (read one step later, so the host never waits for the device inside a step)."""
         device, trainable = self.group.device, self.trainable
         forward = self.ddp or trainable.module
         pieces = []
@@ -419,9 +420,6 @@ class _Run:
             stats[2] += y.shape[0]
             stats[3] += (~torch.isfinite(loss.detach())).double()
         self.group.sum_(stats)
-        if stats[3] > 0:
-            value = float(stats[0]) if not math.isfinite(float(stats[0])) else float("nan")
-            raise TrainingDiverged(f"the loss became {value} at {where}: lower --lr or --strength")
         if pieces:
             if self.scaler:
                 self.scaler.step(self.optimizer)
@@ -430,7 +428,16 @@ class _Run:
                 self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return stats[:3]
+        return stats
+
+    @staticmethod
+    def _checked(stats: torch.Tensor, where: str) -> torch.Tensor:
+        """A step's [loss sum, correct, examples] on the CPU; TrainingDiverged if its loss was not finite."""
+        loss, correct, seen, bad = stats.tolist()
+        if bad > 0:
+            value = loss if not math.isfinite(loss) else float("nan")
+            raise TrainingDiverged(f"the loss became {value} at {where}: lower --lr or --strength")
+        return torch.tensor([loss, correct, seen], dtype=torch.float64)
 
     def _epoch(self, epoch: int, progress: Progress, global_step: int) -> tuple[dict[str, float], int]:
         o = self.o
@@ -441,16 +448,21 @@ class _Run:
         totals = torch.zeros(3, dtype=torch.float64)
         started = time.perf_counter()
         batches = _batches(self.loaders.train)
+        pending: tuple[torch.Tensor, str] | None = None
         for step in range(self.steps_per_epoch):
             micro = [batch for _, batch in zip(range(o["grad_accum"]), batches)]
-            where = f"epoch {epoch + 1}, step {step + 1}"
-            totals += self._step(micro, where).cpu()
+            stats = self._step(micro)
+            if pending is not None:  # the previous step's figures: by now the device has them
+                totals += self._checked(*pending)
+            pending = (stats, f"epoch {epoch + 1}, step {step + 1}")
             global_step += 1
             loss, correct, seen = totals.tolist()
             rate = seen / max(time.perf_counter() - started, 1e-9)
             progress.update(task, advance=1, loss=loss / max(seen, 1), acc=correct / max(seen, 1), rate=rate)
             if o["step_callback"] is not None:
                 o["step_callback"](global_step)
+        if pending is not None:
+            totals += self._checked(*pending)
         seconds = time.perf_counter() - started
         val_acc, val_loss = evaluate(self.trainable, self.loaders.held_out, self.shape, self.group)
         loss, correct, seen = totals.tolist()
