@@ -354,3 +354,68 @@ def test_accelerate_wrapped_optimizer_and_scheduler(fresh_accelerate: None) -> N
     reference = _accelerate_run("reference")
     _assert_close(attached, reference)
     assert _gap(attached, _accelerate_run("plain")) > 1e-4
+
+
+# ------------------------------------------------------------------------------ documented examples
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "regularizer.md"
+MARK = "<!-- runs in tests/test_integrations.py -->"
+
+
+def _documented_examples() -> dict[str, str]:
+    """The Python blocks of docs/regularizer.md that follow the marker, by the heading above them."""
+    text = DOCS.read_text()
+    found: dict[str, str] = {}
+    for piece in text.split(MARK)[1:]:
+        heading = text[: text.index(piece)].rsplit("\n### ", 1)[-1].split("\n", 1)[0]
+        body = piece.split("```python\n", 1)[1].split("\n```", 1)[0]
+        found[heading.split(":")[0].strip()] = body
+    return found
+
+
+def test_the_documentation_has_one_example_per_integration() -> None:
+    assert set(_documented_examples()) == {"Lightning", "Hugging Face Trainer", "accelerate", "Plain PyTorch"}
+
+
+@pytest.mark.parametrize("name", ["Lightning", "Hugging Face Trainer", "accelerate", "Plain PyTorch"])
+def test_documented_example_runs(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_accelerate: None, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the examples write their logs and outputs to the current directory
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(_documented_examples()[name], f"docs/regularizer.md ({name})", "exec"), {"__name__": "example"})
+    printed = capsys.readouterr().out
+    assert "covered" in printed or "optimizer steps regularized" in printed or printed.strip()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_lightning_16_mixed() -> None:
+    """Lightning's fp16 path: the closure runs, the scaler unscales, then optimizer.step() (no closure)."""
+    options = {"accelerator": "gpu", "precision": "16-mixed"}
+    regularized, plain = _Module("attach"), _Module("plain")
+    for module in (regularized, plain):
+        trainer = L.Trainer(
+            max_epochs=1,
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            **options,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(module, torch.utils.data.DataLoader(_data(), batch_size=16))
+    reference = _net().cuda()
+    reg = WeightScaleRegularizer(reference, EXAMPLE.cuda(), strength=STRENGTH)
+    optimizer = torch.optim.SGD(_split_groups(reference, reg), lr=LR, momentum=0.9, weight_decay=WD)
+    scaler = torch.amp.GradScaler("cuda")
+    for x, y in torch.utils.data.DataLoader(_data(), batch_size=16):
+        optimizer.zero_grad()
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = nn.functional.cross_entropy(reference(x.cuda()), y.cuda())
+        scaler.scale(loss + reg.penalty()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    _assert_close(regularized.net.cpu(), reference.cpu(), atol=1e-4)
+    assert _gap(regularized.net.cpu(), plain.net.cpu()) > 1e-4
