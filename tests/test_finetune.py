@@ -447,3 +447,14 @@ def test_cuda_finetune_with_amp(tmp_path: Path, small_data: Path, amp: str) -> N
         and metrics["config"]["amp"] == {"fp16": "float16", "bf16": "bfloat16"}[amp]
     )
     assert result.after.accuracy > result.before.accuracy
+
+
+def test_readme_workflow_demo_then_finetune_evaluates_on_the_demo_test_set(tmp_path: Path) -> None:
+    """`wssi-audit demo` then `finetune demo_out/digits_cnn.pt2 --data digits`: the fine-tune's held-out
+    accuracy before training is the demo's own test accuracy (same 360 images, never trained on)."""
+    from wssi_audit.demo import build_demo
+
+    demo = build_demo(tmp_path / "demo_out", arch="mlp", epochs=2, seed=3)
+    result = run_finetune(demo.path, epochs=1, batch_size=64, seed=9, output=tmp_path / "tuned.pt2")
+    assert result.before.accuracy == pytest.approx(demo.test_accuracy, abs=1e-6)
+    assert json.loads(result.metrics.read_text())["data"]["held_out"] == 360

@@ -229,7 +229,7 @@ def _default_workers(data: Data) -> int:
     return max(1, min(4, (os.cpu_count() or 1) // max(1, per_node)))
 
 
-def _attach(module: nn.Module, optimizer: torch.optim.Optimizer, reg: WeightScaleRegularizer, console: Console):
+def _attach(module: nn.Module, optimizer: torch.optim.Optimizer, reg: WeightScaleRegularizer, console: Console) -> Any:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DecoupledWeightDecayWarning)
         try:
