@@ -104,7 +104,7 @@ def test_chains_end_at_branch_points_and_joins(join, method):
     report = audit(TwoWay(join), (torch.randn(2, 4),), method=method)
     assert sorted(map(tuple, (c.layers for c in report.chains))) == [("first",), ("last",), ("left",), ("right",)]
     assert report.barriers == [] and report.trace.coverage == 1.0
-    assert report.summary.log10_input_gradient_bound is not None
+    assert report.summary.gradient.log10_frobenius_bound is not None
 
 
 class UnknownOp(nn.Module):
@@ -123,7 +123,7 @@ def test_unknown_ops_are_listed_and_lower_coverage(method):
     assert report.trace.coverage < 1.0
     assert any("cumsum" in u.reason for u in report.trace.unanalyzed)
     assert [c.layers for c in report.chains] == [["first"], ["second"]]
-    assert report.summary.log10_input_gradient_bound is None
+    assert report.summary.gradient.log10_frobenius_bound is None
 
 
 def test_op_table_is_consistent():

@@ -22,6 +22,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: rich's option panels truncate flag names at 80 columns and read help text
+    # as markup ("[tool.wssi-audit]" vanished).
+    rich_markup_mode=None,
 )
 
 

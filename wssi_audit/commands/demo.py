@@ -8,8 +8,8 @@ import typer
 
 from ..audit import analyze
 from ..cli_support import console, handle_errors
-from ..errors import EXIT_INCONSISTENT
 from ..render import render_console
+from .audit import report_exit_code
 
 
 def register(app: typer.Typer) -> None:
@@ -34,5 +34,4 @@ def register(app: typer.Typer) -> None:
         report = analyze(result.path, seed=seed).report
         render_console(report, console)
         console.print(f"audit it again with: wssi-audit {result.path}")
-        if report.failed_chains:
-            raise typer.Exit(EXIT_INCONSISTENT)
+        raise typer.Exit(report_exit_code(report))

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..ir import Graph, Runner, flat_tensors
+from ..ir import Graph
 from .fx_convert import FxConverter
+from .fx_runner import FxRunner
 
 
 def export_module(module: nn.Module, example_inputs: Sequence[Any]) -> torch.export.ExportedProgram:
@@ -40,34 +40,6 @@ def example_inputs_of(program: torch.export.ExportedProgram, seed: int = 0) -> t
     return tuple(inputs)
 
 
-def _program_runner(program: torch.export.ExportedProgram, example_inputs: Sequence[Any]) -> tuple[Runner, torch.dtype]:
-    from torch.func import functional_call
-
-    # A private copy: program.module() shares the program's tensors, and .to() would convert them.
-    module = copy.deepcopy(program.module())
-    dtype = torch.float64
-    # The float64 probe's output is the unshifted reference: a float64 forward costs seconds.
-    reference: list[torch.Tensor] | None = None
-    try:
-        module = module.to(dtype)
-        inputs = tuple(x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in example_inputs)
-        with torch.no_grad():
-            reference = flat_tensors(module(*inputs))
-    except Exception:
-        dtype = torch.float32
-        module = copy.deepcopy(program.module()).to(dtype)
-        inputs = tuple(example_inputs)
-
-    def run(overrides: Any) -> list[torch.Tensor]:
-        if not overrides and reference is not None:
-            return [tensor.clone() for tensor in reference]
-        with torch.no_grad():
-            out = functional_call(module, {k: v.to(dtype) for k, v in overrides.items()}, inputs, strict=False)
-        return flat_tensors(out)
-
-    return run, dtype
-
-
 def trace_export(
     program: torch.export.ExportedProgram, example_inputs: Sequence[Any] | None, method: str = "export"
 ) -> Graph:
@@ -86,7 +58,5 @@ def trace_export(
     for key, value in getattr(program, "constants", {}).items():
         if isinstance(value, torch.Tensor):
             tensors[key] = value.detach()
-    runner, dtype = (None, torch.float64)
-    if example_inputs is not None:
-        runner, dtype = _program_runner(program, example_inputs)
-    return Graph(nodes, tensors, method, [], runner, dtype)
+    runner = FxRunner(program.module(), example_inputs) if example_inputs is not None else None
+    return Graph(nodes, tensors, method, [], runner)
