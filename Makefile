@@ -11,7 +11,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_PINS)
-	$(BIN)/pip install -q -e ".[test,zoo]"
+	$(BIN)/pip install -q $(TORCH_PINS) -e ".[test,zoo,integrations]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,14 +1,18 @@
-"""Overhead of `wssi_audit.attach` on a training step: ResNet-18 (torchvision, 10 classes), CIFAR-sized
-batches (128 x 3 x 32 x 32), SGD with plain weight decay vs SGD + the invariant regularizer.
+"""Overhead of `wssi_audit.attach` on a training step: a torchvision ResNet (default ResNet-18 on
+CIFAR-sized batches, 128 x 3 x 32 x 32), SGD with plain weight decay vs SGD + the invariant regularizer.
 
 The two arms alternate step by step in one process (same load, same thermal state), and the median
-per-step time ratio is printed. Usage: ``python benchmarks/regularizer_overhead.py [--steps 20]``.
+per-step time ratio is printed. Usage: ``python benchmarks/regularizer_overhead.py [--steps 20]``;
+the GPU goal (median ratio <= 1.01): ``--device cuda --model resnet50 --batch-size 256
+--image-size 224 --amp bf16``. ``--json FILE`` also writes the figures as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import json
 import platform
 import statistics
 import time
@@ -35,6 +39,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--form", default="log")
+    parser.add_argument("--model", default="resnet18", choices=["resnet18", "resnet50"])
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="autocast (fp16: GradScaler)")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     import torchvision
@@ -43,10 +53,17 @@ def main() -> None:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    base = torchvision.models.resnet18(num_classes=10)
-    plain, regularized = base.to(device), copy.deepcopy(base).to(device)
-    x = torch.randn(args.batch_size, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    base = getattr(torchvision.models, args.model)(num_classes=args.classes)
+    plain = base.to(device, memory_format=memory_format)
+    regularized = copy.deepcopy(base).to(device, memory_format=memory_format)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    x = x.contiguous(memory_format=memory_format)
+    y = torch.randint(0, args.classes, (args.batch_size,), device=device)
+    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    scalers = {}
 
     opt_plain = torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     opt_reg = torch.optim.SGD(regularized.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -61,15 +78,24 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    def autocast() -> contextlib.AbstractContextManager[None]:
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
     def step(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
         """One training step; also records the time of optimizer.step() (where the hook runs)."""
+        scaler = scalers.setdefault(id(optimizer), torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
         sync()
         begin = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
+        with autocast():
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+        scaler.scale(loss).backward()
         sync()
         middle = time.perf_counter()
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         sync()
         end = time.perf_counter()
         optimizer_times[id(optimizer)].append(end - middle)
@@ -106,10 +132,16 @@ def main() -> None:
         ratios.append(b / a)
     hook = [hook_only() for _ in range(args.steps)]
 
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     print(
         f"machine: {_cpu_model()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, device {device}"
+        + (f" ({card})" if card else "")
     )
-    print(f"model: torchvision resnet18(num_classes=10), batch {args.batch_size}x3x32x32, SGD momentum 0.9")
+    shape = f"{args.batch_size}x3x{args.image_size}x{args.image_size}"
+    print(
+        f"model: torchvision {args.model}(num_classes={args.classes}), batch {shape}, SGD momentum 0.9, "
+        f"amp {args.amp}{', channels_last' if args.channels_last else ''}"
+    )
     print(
         f"regularizer: form={args.form}, {len(coverage.covered)} layers covered, "
         f"{len(coverage.excluded)} weights excluded; attach() setup {setup:.2f} s"
@@ -128,6 +160,24 @@ def main() -> None:
     print(f"median optimizer.step(): weight decay {step_plain * 1e3:.1f} ms, with attach {step_reg * 1e3:.1f} ms")
     estimate = 1 + (step_reg - step_plain) / statistics.median(times_plain)
     print(f"load-insensitive estimate 1 + (extra optimizer.step time) / (median step): {estimate:.4f}")
+    if args.json:
+        figures = {
+            "device": str(device),
+            "card": card,
+            "torch": torch.__version__,
+            "model": args.model,
+            "batch": shape,
+            "amp": args.amp,
+            "steps": args.steps,
+            "median_step_ms": {"weight_decay": statistics.median(times_plain) * 1e3},
+            "median_hook_ms": statistics.median(hook) * 1e3,
+            "median_pair_ratio": statistics.median(ratios),
+            "ratio_of_medians": statistics.median(times_reg) / statistics.median(times_plain),
+            "estimate": estimate,
+        }
+        figures["median_step_ms"]["attach"] = statistics.median(times_reg) * 1e3
+        with open(args.json, "w") as handle:
+            json.dump(figures, handle, indent=2)
 
 
 if __name__ == "__main__":

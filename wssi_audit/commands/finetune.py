@@ -1,4 +1,5 @@
-"""`wssi-audit finetune MODEL --data DATA`: fine-tune with the invariant regularizer, resumably."""
+"""`wssi-audit finetune MODEL --data DATA`: fine-tune with the invariant regularizer, resumably, on one
+process or under torchrun (`torchrun --nproc_per_node=N -m wssi_audit finetune ...`)."""
 
 from __future__ import annotations
 
@@ -16,17 +17,34 @@ def register(app: typer.Typer) -> None:
     def finetune_command(
         model: Path = typer.Argument(..., help="Model file: .pt2, .pt/.pth state dict or module, .safetensors."),
         data: str = typer.Option(
-            "digits", "--data", help="'digits' (bundled), a folder of class subfolders, or .pt/.npz (x, y)."
+            "digits",
+            "--data",
+            help="'digits' (bundled; the demo's fixed split), a folder of class subfolders (streamed), or .pt/.npz.",
         ),
         epochs: int = typer.Option(5, "--epochs", help="Training epochs."),
-        lr: float = typer.Option(0.01, "--lr", help="SGD learning rate (momentum 0.9)."),
-        batch_size: int = typer.Option(64, "--batch-size", help="Examples per step."),
+        lr: float = typer.Option(0.01, "--lr", help="Peak learning rate."),
+        batch_size: int = typer.Option(64, "--batch-size", help="Examples per micro-batch and process."),
+        optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum 0.9) or adamw."),
+        schedule: str = typer.Option("constant", "--schedule", help="Learning rate after warm-up: constant or cosine."),
+        warmup_steps: int = typer.Option(0, "--warmup-steps", help="Optimizer steps of linear warm-up."),
+        grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+        amp: str = typer.Option(
+            "auto", "--amp", help="Mixed precision: auto (bf16/fp16 on CUDA, off on CPU), bf16, fp16 (CUDA), off."
+        ),
         strength: float = typer.Option(DEFAULT_STRENGTH, "--strength", help="Regularizer strength (0: off)."),
         form: str = typer.Option(DEFAULT_FORM, "--form", help="Regularizer form: log or balanced."),
         weight_decay: float = typer.Option(
-            5e-4, "--weight-decay", help="Plain weight decay for parameters the regularizer does not cover."
+            5e-4, "--weight-decay", help="Weight decay for parameters the regularizer does not cover."
         ),
-        device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:N."),
+        held_out: float | None = typer.Option(
+            None, "--held-out", help="Held-out fraction of a folder or file (default 0.2; digits: fixed split)."
+        ),
+        workers: int | None = typer.Option(
+            None, "--workers", help="DataLoader workers (default: up to 4 for image folders, 0 for tensors)."
+        ),
+        device: str = typer.Option(
+            "auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:N (torchrun: cuda:LOCAL_RANK)."
+        ),
         output: Path | None = typer.Option(
             None, "--output", "-o", help="Fine-tuned model (default: <stem>.finetuned<suffix> beside MODEL)."
         ),
@@ -37,9 +55,10 @@ def register(app: typer.Typer) -> None:
         ),
         seed: int = typer.Option(0, "--seed", help="Seed of the split, the data order and dropout."),
     ) -> None:
-        """Fine-tune MODEL with SGD and the weight-scale-shift-invariant regularizer; writes the model in
-        its input format, <output>.metrics.json and a per-epoch checkpoint <output>.ckpt, and prints a
-        before/after audit comparison."""
+        """Fine-tune MODEL with the weight-scale-shift-invariant regularizer; writes the model in its
+        input format, <output>.metrics.json (with examples/s) and a per-epoch checkpoint <output>.ckpt,
+        and prints a before/after audit comparison. Under torchrun: DistributedDataParallel, one process
+        per device, rank 0 writes."""
         from ..training.finetune import run_finetune
 
         if output is not None:
@@ -59,5 +78,12 @@ def register(app: typer.Typer) -> None:
             arch=arch,
             trust_pickle=trust_pickle,
             weight_decay=weight_decay,
+            held_out=held_out,
+            optimizer=optimizer,
+            schedule=schedule,
+            warmup_steps=warmup_steps,
+            grad_accum=grad_accum,
+            amp=amp,
+            workers=workers,
             console=console,
         )

@@ -21,19 +21,29 @@ Where to read what:
   `wssi_audit.integrations` build on it).
 """
 
-from .attach import RegularizerHandle, attach
+from .attach import AttachError, DecoupledWeightDecayWarning, RegularizerHandle, attach
 from .coverage import Coverage, CoveredLayer, ExcludedWeight
-from .penalty import DEFAULT_FORM, DEFAULT_MIN_NORM, DEFAULT_STRENGTH, FORMS, WeightScaleRegularizer
+from .penalty import (
+    DEFAULT_FORM,
+    DEFAULT_MIN_NORM,
+    DEFAULT_STRENGTH,
+    FORMS,
+    ShardedModelError,
+    WeightScaleRegularizer,
+)
 
 __all__ = [
     "DEFAULT_FORM",
     "DEFAULT_MIN_NORM",
     "DEFAULT_STRENGTH",
     "FORMS",
+    "AttachError",
     "Coverage",
     "CoveredLayer",
+    "DecoupledWeightDecayWarning",
     "ExcludedWeight",
     "RegularizerHandle",
+    "ShardedModelError",
     "WeightScaleRegularizer",
     "attach",
 ]

@@ -7,6 +7,7 @@ collapsing layer cannot produce inf or NaN.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,49 @@ DEFAULT_STRENGTH = 2e-3  # chosen from docs/results.md (validation-selected in m
 FORMS = ("log", "balanced")
 # Norms below this are clamped (value and gradient) so a collapsing layer cannot produce inf/NaN.
 DEFAULT_MIN_NORM = 1e-6
+
+
+class ShardedModelError(TypeError):
+    """The model's weights are sharded (FSDP, DTensor): the penalty needs every layer's whole norm."""
+
+
+@functools.cache
+def _sharded_types() -> tuple[type, ...]:
+    """FSDP (both APIs) and DTensor, as far as this torch build has them."""
+    found: list[type] = []
+    try:
+        from torch.distributed import fsdp
+
+        found += [getattr(fsdp, name) for name in ("FullyShardedDataParallel", "FSDPModule") if hasattr(fsdp, name)]
+    except (ImportError, RuntimeError):
+        pass
+    try:
+        from torch.distributed.tensor import DTensor
+
+        found.append(DTensor)
+    except (ImportError, RuntimeError):
+        pass
+    return tuple(found)
+
+
+def refuse_sharded(model: nn.Module) -> None:
+    """Raise `ShardedModelError` for FSDP-wrapped or DTensor-sharded models: each rank holds a slice of
+    every weight, so local norms (and gradients computed from them) would be wrong."""
+    kinds = _sharded_types()
+    if not kinds:
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, kinds):
+            raise ShardedModelError(
+                f"'{name or type(module).__name__}' is FSDP-wrapped ({type(module).__name__}): the regularizer needs "
+                "whole weights (each rank holds a slice of every weight): train with DistributedDataParallel instead"
+            )
+    for name, param in model.named_parameters():
+        if isinstance(param, kinds) or isinstance(getattr(param, "data", None), kinds):
+            raise ShardedModelError(
+                f"parameter '{name}' is a sharded DTensor: the regularizer needs whole weights "
+                "(train with DistributedDataParallel instead)"
+            )
 
 
 def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
@@ -54,6 +98,7 @@ class WeightScaleRegularizer:
         if strength < 0 or direction_strength < 0 or bias_strength < 0:
             raise ValueError("regularization strengths must be >= 0")
         self.model = unwrap_model(model)
+        refuse_sharded(self.model)
         if analysis is None:
             from ..audit import analyze
 
@@ -322,14 +367,16 @@ class WeightScaleRegularizer:
         return total
 
     @torch.no_grad()
-    def add_gradients_(self) -> None:
-        """Add the penalty's gradient to `.grad` of the covered parameters (closed form for the main term).
+    def add_gradients_(self, scale: torch.Tensor | float | None = None) -> torch.Tensor:
+        """Add the penalty's gradient to `.grad` of the covered parameters (closed form for the main term),
+        multiplied by `scale` when given (gradients a GradScaler has not unscaled yet); returns the
+        penalty's value (detached, unscaled) at no extra cost.
 
         d/dW log n = W / n^2; a BN-folded layer's gamma gets gamma * a^2 * rowsum(W^2) / n^2 per channel.
         The optional direction/bias terms go through autograd on their small graph.
         """
         if not self._units:
-            return
+            return torch.zeros((), device=self._device, dtype=self._dtype)
         with self._autocast_off():
             index, parts, norms, logn = self._state()
             values, branch_log = self._log_terms(logn, index)
@@ -348,6 +395,9 @@ class WeightScaleRegularizer:
             share = torch.where(is_block, torch.where(is_branch, branch_share, 1.0 - branch_share), 1.0)
             clamped = norms < self.min_norm
             coef = torch.where(clamped, 0.0, d_term[term] * share / norms.clamp_min(self.min_norm).square())
+            if scale is not None:
+                coef = coef * (scale.to(coef.device, coef.dtype) if torch.is_tensor(scale) else float(scale))
+            value = self._main(values, index)
             keep_plain, keep_folded = self._grad_filter or (None, None)
             if self._plain:
                 weights = self._plain_weights
@@ -366,25 +416,30 @@ class WeightScaleRegularizer:
                 if gammas:
                     torch._foreach_add_(_grads_of(gammas), pieces)
         if self.direction_strength > 0 or self.bias_strength > 0:
-            self._add_extra_gradients()
+            value = value + self._add_extra_gradients(scale)
+        return value
 
-    def _add_extra_gradients(self) -> None:
+    def _add_extra_gradients(self, scale: torch.Tensor | float | None = None) -> torch.Tensor:
+        """Gradients of the direction and bias terms (autograd on their small graph); returns their value."""
         inputs = [*self._plain_weights, *self._gammas, *self._plain_biases, *self._folded_betas]
         unique = [p for p in {id(p): p for p in inputs}.values() if p.requires_grad]
         with torch.enable_grad(), self._autocast_off():
             index, parts, norms, logn = self._state()
             extra = self._extra(index, parts, norms, logn)
             if not extra.requires_grad:
-                return
+                return extra.detach()
             grads = torch.autograd.grad(extra, unique, allow_unused=True)
         with torch.no_grad():
             for p, g in zip(unique, grads):
                 if g is None or (self._grad_ids is not None and id(p) not in self._grad_ids):
                     continue
+                if scale is not None:
+                    g = g * (scale.to(g.device, g.dtype) if torch.is_tensor(scale) else float(scale))
                 if p.grad is None:
                     p.grad = g.to(p.dtype)
                 else:
                     p.grad.add_(g.to(p.grad.dtype))
+        return extra.detach()
 
 
 def _segment_sum(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""Fine-tuning with the invariant regularizer (`wssi-audit finetune`)."""
+"""Fine-tuning with the invariant regularizer (`wssi-audit finetune`), on one process or under torchrun."""
 
-from .data import load_dataset, split_dataset
+from .data import digits_split, load_data
 from .finetune import FinetuneResult, TrainingDiverged, run_finetune
 
-__all__ = ["FinetuneResult", "TrainingDiverged", "load_dataset", "run_finetune", "split_dataset"]
+__all__ = ["FinetuneResult", "TrainingDiverged", "digits_split", "load_data", "run_finetune"]
