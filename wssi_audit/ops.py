@@ -94,6 +94,11 @@ def _upsample_lipschitz(attrs: dict[str, Any]) -> float | None:
     return math.sqrt(math.prod(float(f) for f in _as_list(factor)))
 
 
+def _vector_norm_lipschitz(attrs: dict[str, Any]) -> float | None:
+    """The l2 norm over some dimensions is 1-Lipschitz; other orders are not bounded here."""
+    return 1.0 if attrs.get("ord", 2) in (2, 2.0) else None
+
+
 def _barrier(reason: str, lipschitz: Lipschitz = None) -> OpSpec:
     return OpSpec(Role.BARRIER, reason, lipschitz)
 
@@ -126,6 +131,8 @@ OP_TABLE: dict[str, OpSpec] = {
     "identity": OpSpec(Role.HOMOGENEOUS, lipschitz=1.0),
     "neg": OpSpec(Role.HOMOGENEOUS, lipschitz=1.0),
     "pad": OpSpec(Role.HOMOGENEOUS, lipschitz=1.0),
+    "roll": OpSpec(Role.HOMOGENEOUS, lipschitz=1.0),  # a permutation of the entries
+    "vector_norm": OpSpec(Role.HOMOGENEOUS, lipschitz=_vector_norm_lipschitz),  # ||t x|| = t ||x||, t > 0
     "upsample": OpSpec(Role.HOMOGENEOUS, lipschitz=_upsample_lipschitz),
     "scale": OpSpec(Role.HOMOGENEOUS, lipschitz=_scale_lipschitz),
     "scale_param": OpSpec(Role.HOMOGENEOUS, lipschitz=None),
@@ -156,9 +163,12 @@ OP_TABLE: dict[str, OpSpec] = {
     "group_norm": _barrier("normalization is degree 0 in its input scale (GroupNorm)"),
     "instance_norm": _barrier("normalization is degree 0 in its input scale (InstanceNorm)"),
     "rms_norm": _barrier("normalization is degree 0 in its input scale (RMSNorm)"),
+    "normalize": _barrier("normalization is degree 0 in its input scale (F.normalize)"),
     "batch_norm_train": _barrier("BatchNorm in training mode is degree 0 in its input scale"),
     "batch_norm_unfoldable": _barrier("BatchNorm without a weight layer before it is an affine offset"),
     "mul": _barrier("product of two activations (gating or attention)"),
+    "addcmul": _barrier("elementwise scale by a tensor plus an offset (addcmul)"),
+    "side_output": _barrier("statistics or indices output of a multi-output op, not its activation"),
     "div": _barrier("division by an activation"),
     "matmul": _barrier("product of two activations (attention)"),
     "attention": _barrier("attention is not positively homogeneous"),
