@@ -144,6 +144,9 @@ def _load_torchscript(path: Path, example_inputs: tuple[Any, ...] | None) -> Loa
             f"{path.name} is a TorchScript archive: give --input-shape so it can be converted "
             "with torch.export, or save the model with torch.export.save (.pt2)"
         )
+    from .frontends.torch_support import require
+
+    require("torchscript", "save the model with torch.export.save (.pt2) instead")
     try:
         from torch._export.converter import TS2EPConverter
 

@@ -6,20 +6,23 @@ import builtins
 import numbers
 import operator
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from ..ir import Node
+from ..ops import overlap_factor
 from .fx_tables import (
+    ATEN_PAD_MODES,
     ATEN_TABLE,
     BATCH_NORM_ARGS,
     FUNCTION_TABLE,
     METHOD_TABLE,
     MODULE_TABLE,
     NO_RESULT,
+    PAD_MODES,
     PASS_THROUGH,
     POSITIONAL_ARGS,
     PRIMARY_OUTPUT,
@@ -56,6 +59,8 @@ _ATTR_NAMES = (
     "mode",
     "transposed",
     "ord",
+    "pad",
+    "value",
 )
 _MODULE_ATTRS = {
     "stride": "stride",
@@ -71,6 +76,7 @@ _MODULE_ATTRS = {
     "alpha": "alpha",
     "scale_factor": "scale_factor",
     "mode": "mode",
+    "value": "value",
 }
 
 
@@ -120,11 +126,15 @@ class FxConverter:
         param_of: dict[str, str],
         tensor_nodes: set[str] | None,
         leaf_reasons: dict[str, str] | None = None,
+        fixed: Mapping[str, torch.Tensor] | None = None,
+        shapes: Mapping[str, list[int]] | None = None,
     ) -> None:
         self.root = root
         self.param_of = dict(param_of)  # fx node name -> state_dict key
         self.tensor_nodes = tensor_nodes  # fx nodes known to carry tensors (None: infer)
         self.leaf_reasons = leaf_reasons or {}
+        self.fixed = fixed or {}  # buffers and constants (not trainable) by key, e.g. a blur filter
+        self.shapes = shapes or {}  # fx node name -> traced output shape, when known
         self.nodes: dict[str, Node] = {}
         self.activations: set[str] = set()
         # fx node -> the node whose activation it is (read-through ops, an op's main output)
@@ -215,6 +225,8 @@ class FxConverter:
             attrs["affine"] = module.weight is not None
         if isinstance(module, nn.Flatten):
             attrs = {}
+        if op == "pad":
+            attrs["mode"] = next((mode for kind, mode in PAD_MODES if isinstance(module, kind)), "constant")
         if op in ("dropout",):
             attrs = {"p": getattr(module, "p", 0.0)}
         return params, attrs
@@ -233,6 +245,13 @@ class FxConverter:
                 key = self._param_key(named.get(role))
                 if key is not None:
                     params[role] = key
+        if op in ("conv", "conv_transpose", "linear") and params.get("weight") in self.fixed and "bias" not in params:
+            # A weight that is a buffer, not a parameter (TResNet's blur filter): a fixed linear map
+            # of degree 1, like a pooling, with its operator norm bounded here from its values.
+            attrs["lipschitz"] = fixed_operator_bound(op, self.fixed[params["weight"]], attrs)
+            op, params = "fixed_filter", {}
+        if op == "pad" and _aten_packet(fx_node.target) in ATEN_PAD_MODES:
+            attrs["mode"] = ATEN_PAD_MODES[_aten_packet(fx_node.target)]
         if op == "max_pool" or op == "avg_pool":
             if not attrs.get("stride"):
                 attrs["stride"] = attrs.get("kernel_size")
@@ -326,6 +345,8 @@ class FxConverter:
             op, params, attrs = self._function_params_attrs(op, fx_node)
         if op == "batch_norm" and attrs.get("training"):
             op = "batch_norm_train"
+        if op == "pad" and (attrs.get("mode") or "constant") == "constant" and float(attrs.get("value") or 0.0) != 0.0:
+            op = "add_const"  # padding with a non-zero constant adds an offset at the border
         inputs = [a for a in map(self._activation, fx_inputs) if a is not None]
         if op not in ("add", "sub", "mul", "matmul", "cat"):
             inputs = list(dict.fromkeys(inputs))
@@ -337,6 +358,8 @@ class FxConverter:
         if op in ("max_pool", "avg_pool"):
             attrs = _expand_pool_attrs(attrs, source)
         is_tensor = self.tensor_nodes is None or name in self.tensor_nodes
+        if name in self.shapes:
+            attrs["out_shape"] = list(self.shapes[name])
         node = Node(name, op, inputs=inputs, params=params, attrs=_plain(attrs), source=source, scope=scope)
         self._add(node, activation=is_tensor)
 
@@ -405,6 +428,18 @@ class FxConverter:
         if self._is_activation(operands[0]):
             return "add_const", {}, {}
         return "addcmul", {}, {}
+
+
+def fixed_operator_bound(op: str, weight: torch.Tensor, attrs: dict[str, Any]) -> float:
+    """An upper bound on the l2 operator norm of a linear map with a fixed weight: the spectral
+    norm for a matrix; for a (transposed, grouped) convolution the largest group's Frobenius norm
+    times the overlap factor (a grouped convolution is block diagonal over its groups)."""
+    weight = weight.detach().double()
+    if op == "linear":
+        return float(torch.linalg.matrix_norm(weight, ord=2))
+    groups = int(attrs.get("groups") or 1)
+    per_group = max(float(block.norm()) for block in weight.chunk(groups, dim=0))
+    return per_group * overlap_factor(list(weight.shape[2:]), attrs.get("stride") or 1, attrs.get("dilation") or 1)
 
 
 def _method_or_packet(fx_node: fx.Node) -> str | None:

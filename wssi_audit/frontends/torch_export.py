@@ -132,17 +132,24 @@ def trace_export(
     constants = getattr(signature, "inputs_to_lifted_tensor_constants", {}) or {}
     param_of.update(constants)
     graph = inline_subgraphs(program.graph_module)
-    tensor_nodes = set()
+    tensor_nodes, shapes = set(), {}
     for node in graph.nodes:
-        leaves, _ = torch.utils._pytree.tree_flatten(node.meta.get("val"))
+        value = node.meta.get("val")
+        leaves, _ = torch.utils._pytree.tree_flatten(value)
         if any(isinstance(leaf, torch.Tensor) for leaf in leaves):
             tensor_nodes.add(node.name)
-    converter = FxConverter(None, param_of, tensor_nodes)
-    nodes = converter.convert(graph)
+        if isinstance(value, torch.Tensor) and all(isinstance(d, int) for d in value.shape):
+            shapes[node.name] = list(value.shape)
     tensors: dict[str, torch.Tensor] = {k: v.detach() for k, v in program.state_dict.items()}
     for key, value in getattr(program, "constants", {}).items():
         if isinstance(value, torch.Tensor):
             tensors[key] = value.detach()
+    # Buffers and constants are fixed, not trained (a blur filter); a program converted from
+    # TorchScript lifts its parameters as buffers, so there nothing is known to be fixed.
+    fixed_keys = set(signature.inputs_to_buffers.values()) | set(constants.values())
+    fixed = {k: tensors[k] for k in fixed_keys if k in tensors} if signature.inputs_to_parameters else {}
+    converter = FxConverter(None, param_of, tensor_nodes, fixed=fixed, shapes=shapes)
+    nodes = converter.convert(graph)
     runner, dtype = (None, torch.float64)
     if example_inputs is not None:
         runner, dtype = _program_runner(program, example_inputs)
