@@ -81,7 +81,7 @@ def main() -> None:
             f"| {sum(layer.folded_bn is not None for layer in report.layers)} "
             f"| {', '.join(f'{op} x{n}' for op, n in barriers.items()) or 'none'} "
             f"| {s.homogeneous_weight_fraction:.1%} | {fmt(s.max_imbalance_decades)} "
-            f"| {fmt(s.log10_input_gradient_bound, 1)} | {s.all_verified} | {seconds:.2f} |",
+            f"| {fmt(s.gradient.log10_frobenius_bound, 1)} | {s.all_verified} | {seconds:.2f} |",
             flush=True,
         )
 

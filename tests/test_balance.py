@@ -63,7 +63,7 @@ def test_balance_module(name: str) -> None:
             assert math.isclose(old.log10_intrinsic_norm, new.log10_intrinsic_norm, abs_tol=1e-6)
     assert math.isclose(result.log10_intrinsic_before, result.log10_intrinsic_after, abs_tol=1e-9)
     assert math.isclose(
-        before.summary.log10_input_gradient_bound, after.summary.log10_input_gradient_bound, abs_tol=1e-6
+        before.summary.gradient.log10_frobenius_bound, after.summary.gradient.log10_frobenius_bound, abs_tol=1e-6
     )
     assert result.residual_stream is (name != "mlp")
     if result.residual_stream:

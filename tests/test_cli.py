@@ -33,9 +33,9 @@ def test_table_report_names_chains_blocks_and_self_check(pt2):
 
 def test_json_report_follows_the_contract(pt2):
     result = runner.invoke(app, ["audit", str(pt2), "--format", "json"])
-    assert result.exit_code == 0
+    assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
-    assert document["schema_version"] == 1
+    assert document["schema_version"] == 2
     assert document["tool"]["name"] == "wssi-audit"
     assert set(document) >= {"model", "trace", "layers", "chains", "residual_blocks", "barriers", "summary"}
     assert set(document["summary"]) >= {
@@ -43,14 +43,17 @@ def test_json_report_follows_the_contract(pt2):
         "residual_blocks",
         "homogeneous_weight_fraction",
         "max_imbalance_decades",
-        "log10_input_gradient_bound",
+        "gradient",
         "all_verified",
+        "verification",
     }
+    assert set(document["summary"]["gradient"]) >= {"log10_frobenius_bound", "log10_certified_bound", "log10_measured"}
+    assert isinstance(document["findings"], list)
     layer = document["layers"][0]
     assert set(layer) >= {"name", "weight", "kind", "shape", "frobenius", "spectral", "bias_norm", "folded_bn"}
     assert layer["folded_bn"] == "stem_bn"
     chain = document["chains"][1]
-    assert set(chain) >= {"id", "weights", "log10_intrinsic_norm", "imbalance_decades", "wd_excess", "verified"}
+    assert set(chain) >= {"id", "weights", "log10_intrinsic_norm", "imbalance_decades", "wd_excess", "verification"}
     block = document["residual_blocks"][2]
     assert block["shortcut"] == "projection" and block["shortcut_weight"] == "layers.2.downsample.0.weight"
 
@@ -115,7 +118,8 @@ def test_a_false_claim_is_caught_by_the_self_check_and_exits_3(tmp_path, monkeyp
     assert "ANALYZER INCONSISTENCY" in result.output and "FAILED" in result.output
     result = runner.invoke(app, ["audit", str(path), "-f", "json"])
     document = json.loads(result.stdout)
-    assert document["chains"][0]["verified"] is False and document["summary"]["all_verified"] is False
+    assert document["chains"][0]["verification"] == "failed" and document["summary"]["all_verified"] is False
+    assert any(f["code"] == "self_check_failed" and f["severity"] == "error" for f in document["findings"])
 
 
 def test_demo_command_trains_saves_and_audits(tmp_path):

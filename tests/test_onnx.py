@@ -70,7 +70,7 @@ def test_onnx_audit_matches_torch_audit(name: str, fold: bool, tmp_path: Path) -
         assert math.isclose(ours.frobenius, theirs.frobenius, rel_tol=1e-5), (ours.name, theirs.name)
         assert ours.kind == theirs.kind
     assert math.isclose(
-        report.summary.log10_input_gradient_bound, reference.summary.log10_input_gradient_bound, rel_tol=1e-5
+        report.summary.gradient.log10_frobenius_bound, reference.summary.gradient.log10_frobenius_bound, rel_tol=1e-5
     )
     assert report.summary.all_verified is True
     if name == "resnet_bn" and not fold:
@@ -133,7 +133,7 @@ def test_gemm_and_matmul_add_become_linear(trans_b: int, alpha: float, beta: flo
     assert np.allclose(graph.tensors["fc1.bias"].numpy(), beta * numpy_helper.to_array(model.graph.initializer[1]))
     report = analyze_graph(graph).report
     assert [len(c.layers) for c in report.chains] == [2]
-    assert report.chains[0].verified is True  # the runner writes alpha / transpose back correctly
+    assert report.chains[0].verification == "verified"  # the runner writes alpha / transpose back correctly
 
 
 def test_barriers_and_unknown_ops() -> None:
@@ -248,7 +248,9 @@ def test_more_ops_match_torch(tmp_path: Path) -> None:
         assert math.isclose(ours.frobenius, theirs.frobenius, rel_tol=1e-6)
     assert [b.op for b in report.barriers] == [b.op for b in reference.barriers] == ["sigmoid"]
     assert report.summary.all_verified is True
-    assert report.summary.log10_input_gradient_bound == pytest.approx(reference.summary.log10_input_gradient_bound)
+    assert report.summary.gradient.log10_frobenius_bound == pytest.approx(
+        reference.summary.gradient.log10_frobenius_bound
+    )
 
 
 def test_constants_and_padding() -> None:
@@ -285,7 +287,7 @@ def test_constants_and_padding() -> None:
     assert graph.nodes[next(n for n in graph.nodes if graph.nodes[n].op == "conv")].attrs["padding"] == [0, 0]
     report = analyze_graph(graph).report
     assert [len(c.layers) for c in report.chains] == [2]
-    assert report.chains[0].verified is True
+    assert report.chains[0].verification == "verified"
 
 
 def test_check_onnx_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -300,6 +302,7 @@ def test_check_onnx_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert document["model"]["format"] == "onnx"
     assert {c["name"]: c["status"] for c in document["checks"]} == {
         "self-check": "pass",
+        "findings": "pass",
         "min-coverage": "pass",
         "require-verified": "pass",
     }

@@ -125,7 +125,7 @@ def test_chains_run_through_a_split_that_joins_again_carrying_the_parallel_layer
     assert first.name == "first" and sorted(r.name for r in first.carried) == ["left", "right"]
     assert report.barriers == [] and report.trace.coverage == 1.0
     assert report.summary.all_verified is True
-    assert report.summary.log10_input_gradient_bound is not None
+    assert report.summary.gradient.log10_frobenius_bound is not None
     # Independently: the shift through shift_layers leaves the output unchanged; without the
     # carried biases it does not.
     chain = analysis.structure.chains[0]
@@ -191,7 +191,7 @@ def test_unknown_ops_are_listed_and_lower_coverage(method):
     assert report.trace.coverage < 1.0
     assert any("cumsum" in u.reason for u in report.trace.unanalyzed)
     assert [c.layers for c in report.chains] == [["first"], ["second"]]
-    assert report.summary.log10_input_gradient_bound is None
+    assert report.summary.gradient.log10_frobenius_bound is None
 
 
 def test_op_table_is_consistent():

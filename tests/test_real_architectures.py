@@ -94,7 +94,7 @@ def test_real_architecture_audits_with_every_chain_verified(case: Expected) -> N
     assert not report.trace.unanalyzed
     assert summary.all_verified is True
     assert summary.max_verification_error is not None and summary.max_verification_error < 1e-9
-    assert summary.log10_input_gradient_bound is not None and math.isfinite(summary.log10_input_gradient_bound)
+    assert summary.gradient.log10_frobenius_bound is not None and math.isfinite(summary.gradient.log10_frobenius_bound)
 
     shortcuts = Counter(block.shortcut for block in report.residual_blocks)
     assert shortcuts == Counter({"identity": case.identity_blocks, "projection": case.projection_blocks}) - Counter()
@@ -118,7 +118,9 @@ def test_vgg_through_torch_export_matches_fx() -> None:
     assert by_export.trace.coverage == 1.0
     assert by_export.summary.all_verified is True
     assert [c.weights for c in by_export.chains] == [c.weights for c in by_fx.chains]
-    assert by_export.summary.log10_input_gradient_bound == pytest.approx(by_fx.summary.log10_input_gradient_bound)
+    assert by_export.summary.gradient.log10_frobenius_bound == pytest.approx(
+        by_fx.summary.gradient.log10_frobenius_bound
+    )
 
 
 def test_untraceable_forward_falls_back_to_torch_export() -> None:
@@ -164,7 +166,7 @@ def test_input_gradient_bound_holds_on_resnet18() -> None:
     """science.md s.5: the bound must hold on every input; check the Jacobian on a few."""
     model = build(_case("torchvision", "resnet18"))
     shape = (1, 3, 32, 32)
-    bound = audit(model, (example_input(shape),), verify=False).summary.log10_input_gradient_bound
+    bound = audit(model, (example_input(shape),), verify=False).summary.gradient.log10_frobenius_bound
     assert bound is not None and math.isfinite(bound)
     for seed in range(3):
         x = example_input(shape, seed)

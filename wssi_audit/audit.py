@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 import torch
 
 from ._version import __version__
+from .analysis.certified import certified_norms
+from .analysis.gradient import measured_log10_gradient
 from .analysis.metrics import (
     block_log10_branch_norm,
     chain_metrics,
@@ -18,13 +21,15 @@ from .analysis.metrics import (
     log10_path2_norm,
 )
 from .analysis.structure import Structure, find_structure
-from .analysis.verify import verify_chains
+from .analysis.verify import Verification, global_check_failed, verify_chains
+from .findings import find
 from .frontends import build_graph
 from .ir import Graph
 from .ops import Status
 from .report import (
     BarrierRecord,
     ChainRecord,
+    GradientRecord,
     LayerRecord,
     ModelRecord,
     Report,
@@ -65,12 +70,15 @@ def analyze_graph(
     source: str = "<module>",
     format: str = "module",
     verify: bool = True,
+    measure: bool = True,
     seed: int = 0,
 ) -> Analysis:
     structure = find_structure(graph)
     norms = layer_norms(structure.layers, graph.tensors)
     chain_of_layer = {layer.name: chain.id for chain in structure.chains for layer in chain.layers}
     homogeneous = homogeneous_layers(structure)
+    verification = verify_chains(graph, structure.chains, seed, structure.consumers) if verify else None
+    certified, certified_bound, certified_note, certified_method = certified_norms(graph, structure, norms)
 
     layers = [
         LayerRecord(
@@ -86,15 +94,18 @@ def analyze_graph(
             log10_frobenius=norms[layer.name].log10_frobenius,
             chain=chain_of_layer[layer.name],
             homogeneous=layer.name in homogeneous,
+            status=norms[layer.name].status,
+            log10_operator_norm=certified.get(layer.name),
+            dead=verification is not None and layer.name in verification.dead,
         )
         for layer in structure.layers
     ]
 
-    verification = verify_chains(graph, structure.chains, seed) if verify else None
     chains = []
     for chain in structure.chains:
         metrics = chain_metrics(chain, norms)
         wd_excess = 10.0**metrics.log10_wd_excess if metrics.log10_wd_excess < 300 else None
+        check = verification.chains[chain.id] if verification else None
         chains.append(
             ChainRecord(
                 id=chain.id,
@@ -104,7 +115,10 @@ def analyze_graph(
                 imbalance_decades=metrics.imbalance_decades,
                 wd_excess=wd_excess,
                 log10_wd_excess=metrics.log10_wd_excess,
-                verified=verification.verified[chain.id] if verification else None,
+                verification=check.status if check else ("trivial" if len(chain.layers) < 2 else "not_run"),
+                verification_error=check.error if check else None,
+                verification_power=check.power if check else None,
+                verification_reason=check.reason if check else "verification skipped",
             )
         )
 
@@ -135,24 +149,40 @@ def analyze_graph(
 
     total_weight = sum(record.parameters for record in layers)
     homogeneous_weight = sum(record.parameters for record in layers if record.homogeneous)
-    bound, bound_note = log10_input_gradient_bound(graph, structure, norms)
+    frobenius, frobenius_note = log10_input_gradient_bound(graph, structure, norms)
+    measured, measured_note, measured_method = (
+        measured_log10_gradient(graph.runner, seed=seed) if measure else (None, "not measured (--no-measure)", "")
+    )
     imbalances = [c.imbalance_decades for c in chains if len(c.weights) > 1]
-    verified = [c.verified for c in chains]
-    all_verified = None if (not verify or any(v is None for v in verified)) else all(verified)
+    tally: dict[str, int] = {}
+    for chain in chains:
+        tally[chain.verification] = tally.get(chain.verification, 0) + 1
     intrinsic = [c.log10_intrinsic_norm for c in chains]
+    global_failed = verification is not None and global_check_failed(verification)
 
     summary = SummaryRecord(
         chains=len(chains),
         residual_blocks=len(blocks),
         homogeneous_weight_fraction=homogeneous_weight / total_weight if total_weight else 0.0,
-        max_imbalance_decades=max(imbalances) if imbalances else (0.0 if chains else None),
-        log10_input_gradient_bound=bound,
-        all_verified=all_verified,
+        max_imbalance_decades=_max_imbalance(imbalances, chains),
+        gradient=GradientRecord(
+            log10_frobenius_bound=frobenius,
+            log10_certified_bound=certified_bound,
+            log10_measured=measured,
+            frobenius_note=frobenius_note,
+            certified_note=certified_note,
+            measured_note=measured_note,
+            certified_method=certified_method,
+            measured_method=measured_method,
+        ),
+        all_verified=_all_verified(chains, verification, global_failed),
+        verification=tally,
         log10_path2_norm=log10_path2_norm(graph, structure),
         log10_intrinsic_norm=sum(intrinsic) if len(chains) == 1 else None,
-        input_gradient_bound_note=bound_note,
         verification_note=verification.note if verification else "verification skipped",
-        max_verification_error=verification.max_relative_error if verification else None,
+        verification_dtype=verification.dtype if verification else "",
+        max_verification_error=verification.max_error if verification else None,
+        global_verification_error=verification.global_error if verification else None,
     )
     report = Report(
         model=ModelRecord(source=source, format=format, parameters=int(graph.parameter_count)),
@@ -166,7 +196,23 @@ def analyze_graph(
         summary=summary,
         tool_version=__version__,
     )
+    report.findings = find(report)
     return Analysis(graph, structure, report)
+
+
+def _max_imbalance(imbalances: list[float], chains: list[ChainRecord]) -> float | None:
+    if any(math.isnan(v) for v in imbalances):
+        return None
+    return max(imbalances) if imbalances else (0.0 if chains else None)
+
+
+def _all_verified(chains: list[ChainRecord], verification: Verification | None, global_failed: bool) -> bool | None:
+    """True when every chain of 2+ layers was verified (and the global check passed); None when the
+    check did not run; False when one failed or could not be checked with power."""
+    states = {c.verification for c in chains if c.verification != "trivial"}
+    if verification is None or "not_run" in states:
+        return None
+    return not global_failed and states <= {"verified"}
 
 
 def _as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
@@ -183,6 +229,7 @@ def analyze(
     *,
     method: str = "auto",
     verify: bool = True,
+    measure: bool = True,
     seed: int = 0,
     source: str | None = None,
     format: str | None = None,
@@ -200,7 +247,8 @@ def analyze(
     if format is None:
         format = "torch.export" if isinstance(model, torch.export.ExportedProgram) else "module"
     graph = build_graph(model, inputs, method)
-    return analyze_graph(graph, source=source or f"<{type(model).__name__}>", format=format, verify=verify, seed=seed)
+    name = source or f"<{type(model).__name__}>"
+    return analyze_graph(graph, source=name, format=format, verify=verify, measure=measure, seed=seed)
 
 
 def audit(
@@ -209,10 +257,12 @@ def audit(
     *,
     method: str = "auto",
     verify: bool = True,
+    measure: bool = True,
     seed: int = 0,
 ) -> Report:
     """Audit a model (nn.Module, ExportedProgram or a file path) and return its `Report`.
 
-    With example inputs, every chain is verified by a random scale shift in float64.
+    With example inputs, every chain is checked by weight scale shifts at its own end (with a
+    control that the check could fail), and the input gradient is measured.
     """
-    return analyze(model, example_inputs, method=method, verify=verify, seed=seed).report
+    return analyze(model, example_inputs, method=method, verify=verify, measure=measure, seed=seed).report

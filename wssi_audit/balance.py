@@ -55,6 +55,7 @@ class BalanceResult:
     chains_balanced: int = 0
     residual_stream: bool = False  # the residual-stream scale was balanced too
     notes: list[str] = field(default_factory=list)
+    checkpoint: Any = None  # loading.Checkpoint: the training checkpoint the state dict came from
 
 
 def _summary(analysis: Analysis, tensors: Mapping[str, torch.Tensor]) -> tuple[float, float, float]:
@@ -247,6 +248,7 @@ def balance(
     decay_after, intrinsic_after, imbalance_after = _summary(analysis, shifted)
     original, fmt = _original(model)
     return BalanceResult(
+        checkpoint=getattr(model, "checkpoint", None),
         model=apply_overrides(original, overrides, graph),
         format=fmt,
         overrides=overrides,
@@ -321,11 +323,46 @@ def _write(targets: Mapping[str, Any], overrides: Mapping[str, torch.Tensor]) ->
             target.data.copy_(value.to(target.dtype).view_as(target))
 
 
+# File names that `audit` reads back as what `save_balanced` writes, per loaded format. A TorchScript
+# input is balanced as the torch.export program it was converted to; an in-memory module ("module")
+# is written as its state dict.
+OUTPUT_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "torch.export": (".pt2",),
+    "torchscript": (".pt2",),
+    "onnx": (".onnx",),
+    "pickle": (".pt", ".pth"),
+    "state_dict": (".pt", ".pth", ".bin", ".ckpt", ".safetensors"),
+    "safetensors": (".safetensors", ".pt", ".pth", ".bin"),
+    "module": (".pt", ".pth", ".bin", ".safetensors"),
+}
+WRITTEN = {"torch.export": "a torch.export archive", "torchscript": "a torch.export archive", "onnx": "an ONNX model"}
+
+
+def check_output_suffix(fmt: str, path: str | Path, checkpoint: Any = None) -> None:
+    """Before any work: the output's name says the format that will be written into it."""
+    suffix = Path(path).suffix.lower()
+    allowed = OUTPUT_SUFFIXES.get(fmt, OUTPUT_SUFFIXES["module"])
+    what = WRITTEN.get(fmt, "a pickled module" if fmt == "pickle" else "a state dict")
+    if suffix not in allowed:
+        stem = Path(path).stem if suffix in {s for v in OUTPUT_SUFFIXES.values() for s in v} else Path(path).name
+        raise InputError(
+            f"balance writes {what} for this {fmt} model: name the output {' or '.join(allowed)} "
+            f"(e.g. {stem + allowed[0]}), not {Path(path).name}"
+        )
+    if checkpoint is not None and suffix == ".safetensors":
+        raise InputError(
+            "the model's weights came from a training checkpoint, whose other entries only torch's format keeps: "
+            f"name the output .pt, .pth or .ckpt, not {Path(path).name}"
+        )
+
+
 def save_balanced(result: BalanceResult, path: str | Path) -> str:
-    """Write the balanced model atomically in the input's format; returns the format written."""
+    """Write the balanced model atomically in the input's format (a nested checkpoint with every
+    other entry kept); returns the format written."""
     from .cli_support import save_atomic
 
     model = result.model
+    check_output_suffix(result.format, path, result.checkpoint)
     if type(model).__name__ == "ModelProto":
         import onnx
 
@@ -338,10 +375,14 @@ def save_balanced(result: BalanceResult, path: str | Path) -> str:
         save_atomic(path, lambda tmp: torch.save(model, tmp))
         return "pickle"
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if result.format == "safetensors" or Path(path).suffix == ".safetensors":
+    if Path(path).suffix.lower() == ".safetensors":
         from safetensors.torch import save_file
 
         save_atomic(path, lambda tmp: save_file(state, tmp))
         return "safetensors"
+    if result.checkpoint is not None:
+        container = result.checkpoint.with_state(state)
+        save_atomic(path, lambda tmp: torch.save(container, tmp))
+        return "checkpoint"
     save_atomic(path, lambda tmp: torch.save(state, tmp))
     return "state_dict"

@@ -35,7 +35,8 @@ class Rules:
     max_log10_intrinsic_norm: float | None = None  # largest chain log10 intrinsic norm
     max_log10_gradient_bound: float | None = None  # summary.log10_input_gradient_bound
     min_coverage: float | None = None  # trace.coverage, in [0, 1]
-    require_verified: bool = False  # every chain passed its scale-shift self-check
+    require_verified: bool = False  # every chain of 2+ layers verified (not failed, not unverifiable)
+    fail_on: str = "error"  # fail on findings of this severity or worse: error, warning, info or none
     baseline: str | None = None  # path of a baseline JSON report
     tolerance: float = DEFAULT_TOLERANCE  # allowed regression vs the baseline, in the metric's units
 
@@ -66,7 +67,11 @@ def _metric_intrinsic(doc: Mapping[str, Any]) -> float | None:
 
 
 def _metric_gradient(doc: Mapping[str, Any]) -> float | None:
-    return doc["summary"].get("log10_input_gradient_bound")
+    """The certified input-gradient bound (schema 2); a schema-1 baseline's only bound otherwise."""
+    gradient = doc["summary"].get("gradient")
+    if gradient is None:
+        return doc["summary"].get("log10_input_gradient_bound")
+    return gradient.get("log10_certified_bound")
 
 
 def _metric_coverage(doc: Mapping[str, Any]) -> float | None:
@@ -95,12 +100,37 @@ def _threshold_check(name: str, value: float | None, threshold: float, higher_is
     return CheckResult(name, PASS if ok else FAIL, value, threshold, message)
 
 
+INCONSISTENCY_CODES = ("self_check_failed", "global_check_failed")
+SEVERITY_ORDER = ("error", "warning", "info")
+FAIL_ON = (*SEVERITY_ORDER, "none")
+
+
 def self_check(report: Report | Mapping[str, Any]) -> CheckResult:
-    """Always run: a chain that fails the scale-shift self-check is an analyzer bug (exit 3)."""
+    """Always run: an analysis inconsistency (a chain that fails its shift check) is exit 3."""
     doc = _document(report)
-    failed = [c["id"] for c in doc.get("chains", []) if c.get("verified") is False]
-    message = "no chain failed its scale-shift self-check" if not failed else f"chains {failed} failed the self-check"
-    return CheckResult("self-check", FAIL if failed else PASS, len(failed), 0, message)
+    codes = [f for f in doc.get("findings", []) if f.get("code") in INCONSISTENCY_CODES]
+    failed = [c["id"] for c in doc.get("chains", []) if c.get("verification") == "failed"]
+    if codes:
+        return CheckResult("self-check", FAIL, len(failed), 0, codes[0]["message"])
+    return CheckResult("self-check", PASS, 0, 0, "no analysis inconsistency")
+
+
+def findings_check(doc: Mapping[str, Any], fail_on: str) -> list[CheckResult]:
+    """One result per finding at or above `fail_on` (fail), or one pass when there is none."""
+    if fail_on == "none":
+        return []
+    limit = SEVERITY_ORDER.index(fail_on)
+    hits = [
+        f
+        for f in doc.get("findings", [])
+        if f.get("severity") in SEVERITY_ORDER and SEVERITY_ORDER.index(f["severity"]) <= limit
+    ]
+    if not hits:
+        return [CheckResult("findings", PASS, 0, fail_on, f"no finding of severity {fail_on} or worse")]
+    return [
+        CheckResult(f"finding:{f['code']}", FAIL, f["severity"], fail_on, f"{f['message']}; {f['action']}")
+        for f in hits
+    ]
 
 
 def run_checks(
@@ -118,20 +148,25 @@ def run_checks(
         if threshold is not None:
             results.append(_threshold_check(name, metric(doc), float(threshold), higher_is_worse))
     if rules.require_verified:
-        verified = doc["summary"].get("all_verified")
-        if verified is True:
-            results.append(CheckResult("require-verified", PASS, True, True, "every chain verified"))
-        else:
-            if verified is None:
-                why = doc["summary"].get("verification_note") or "not verified: give --input-shape"
-            else:
-                why = "a chain failed its scale-shift self-check"
-            results.append(CheckResult("require-verified", FAIL, verified, True, why))
+        results.append(_require_verified(doc))
+    results.extend(findings_check(doc, rules.fail_on))
     if baseline is None and rules.baseline:
         baseline = load_baseline(rules.baseline, doc)
     if baseline is not None:
         results.extend(_baseline_checks(doc, baseline, rules.tolerance))
     return results
+
+
+def _require_verified(doc: Mapping[str, Any]) -> CheckResult:
+    verified = doc["summary"].get("all_verified")
+    if verified is True:
+        return CheckResult("require-verified", PASS, True, True, "every chain of 2+ layers verified")
+    if verified is None:
+        why = doc["summary"].get("verification_note") or "not verified: give --input-shape"
+        return CheckResult("require-verified", FAIL, None, True, why)
+    states = [c for c in doc.get("chains", []) if c.get("verification") in ("failed", "unverifiable")]
+    described = ", ".join(f"chain {c['id']} {c['verification']}" for c in states[:4]) or "the global check failed"
+    return CheckResult("require-verified", FAIL, False, True, described)
 
 
 def _baseline_checks(doc: Mapping[str, Any], baseline: Mapping[str, Any], tolerance: float) -> list[CheckResult]:
@@ -222,6 +257,9 @@ def rules_from_config(config: Mapping[str, Any], overrides: Mapping[str, Any] | 
             if field_name == "require_verified":
                 if not isinstance(value, bool):
                     raise TypeError
+            elif field_name == "fail_on":
+                if value not in FAIL_ON:
+                    raise InputError(f"'fail-on' must be one of {', '.join(FAIL_ON)}, not {value!r}")
             elif field_name == "baseline":
                 value = str(value)
             elif not isinstance(value, (int, float)) or isinstance(value, bool):

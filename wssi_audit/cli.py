@@ -6,12 +6,36 @@ import importlib
 import sys
 
 import typer
+from typer.core import TyperGroup
 
 from ._version import __version__
 from .cli_support import set_debug
 from .commands import COMMAND_MODULES
 
+DEBUG = "--debug"
+
+
+def normalize_arguments(args: list[str], commands: set[str]) -> list[str]:
+    """`--debug` anywhere on the line (before `--`) becomes the root option; a first argument that
+    is no command name means `audit` (`wssi-audit MODEL` is `wssi-audit audit MODEL`)."""
+    end = args.index("--") if "--" in args else len(args)
+    head, tail = args[:end], args[end:]
+    debug = DEBUG in head
+    head = [a for a in head if a != DEBUG]
+    if head and not head[0].startswith("-") and head[0] not in commands:
+        head.insert(0, "audit")
+    return [DEBUG] * debug + head + tail
+
+
+class CommandLine(TyperGroup):
+    """The root group: applies `normalize_arguments` for every caller (console script, tests)."""
+
+    def parse_args(self, ctx, args):  # type: ignore[no-untyped-def]
+        return super().parse_args(ctx, normalize_arguments(list(args), set(self.commands)))
+
+
 app = typer.Typer(
+    cls=CommandLine,
     name="wssi-audit",
     help=(
         "Audit the weight scales of positively homogeneous PyTorch networks, and train them better. "
@@ -22,6 +46,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: rich's option panels truncate flag names at 80 columns and read help text
+    # as markup ("[tool.wssi-audit]" vanished).
+    rich_markup_mode=None,
 )
 
 
@@ -33,7 +60,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    debug: bool = typer.Option(False, DEBUG, help="Show full tracebacks on errors (anywhere on the line)."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """Exit codes: 0 ok, 1 a check failed, 2 usage or input error, 3 analysis inconsistency
@@ -43,13 +70,6 @@ def root(
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f".commands.{_name}", __package__).register(app)
-
-
-def _command_names() -> set[str]:
-    names = set()
-    for command in app.registered_commands:
-        names.add(command.name or command.callback.__name__.replace("_", "-"))
-    return names
 
 
 def _quiet_torch() -> None:
@@ -65,11 +85,9 @@ def _quiet_torch() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point; `wssi-audit MODEL ...` is short for `wssi-audit audit MODEL ...`."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if "--debug" not in args:
+    end = args.index("--") if "--" in args else len(args)
+    if DEBUG not in args[:end]:
         _quiet_torch()
-    first = next((i for i, a in enumerate(args) if a not in ("--debug",)), None)
-    if first is not None and not args[first].startswith("-") and args[first] not in _command_names():
-        args.insert(first, "audit")
     app(args=args, prog_name="wssi-audit")
 
 

@@ -10,14 +10,12 @@ the key being the state_dict key the user knows, e.g. ``features.0.weight``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-# Runs the model with some tensors replaced (state_dict key -> tensor), returns flat outputs.
-Runner = Callable[[Mapping[str, torch.Tensor]], list[torch.Tensor]]
 
 
 @dataclass
@@ -49,8 +47,11 @@ class Graph:
     method: str  # how the graph was obtained, e.g. "fx", "fx+leaves", "export", "onnx"
     unanalyzed: list[Unanalyzed] = field(default_factory=list)
     runner: Runner | None = None  # None when no example input is known
-    runner_dtype: torch.dtype = torch.float64
     parameter_count: int = 0
+
+    @property
+    def runner_dtype(self) -> torch.dtype:
+        return self.runner.dtype if self.runner is not None else torch.float64
 
     def consumers(self) -> dict[str, list[str]]:
         """Node name -> names of nodes reading its output (once per reading node)."""
@@ -74,26 +75,44 @@ def flat_tensors(value: Any) -> list[torch.Tensor]:
     return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
 
-def make_module_runner(
-    module: torch.nn.Module, example_inputs: Sequence[Any], dtype: torch.dtype = torch.float64
-) -> Runner:
-    """A runner over a private copy of `module` in `dtype` (float64 for exact checks).
+def leaves(value: Any) -> list[torch.Tensor]:
+    """All floating-point tensors in a (nested) value, in order: what a numerical comparison reads."""
+    return [t for t in flat_tensors(value) if t.is_floating_point()]
 
-    The copy is made on the first run, not here: an audit without verification never runs
-    the model, and copying a large model to float64 is a good part of a fast audit's time.
+
+class Runner(ABC):
+    """Runs the model on its example inputs with some tensors replaced (state_dict key -> tensor).
+
+    Values are keyed by internal node name. Every front-end that can run its model provides one;
+    the analyses (self-check, measured gradient, balance) only ever use this interface.
     """
-    import copy
 
-    from torch.func import functional_call
+    OUTPUT = "__output__"
+    dtype: torch.dtype = torch.float64
 
-    inputs = tuple(x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in example_inputs)
-    copies: list[torch.nn.Module] = []
+    def __call__(self, overrides: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The model's flat outputs."""
+        return leaves(self.run(overrides)[self.OUTPUT])
 
-    def run(overrides: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        if not copies:
-            copies.append(copy.deepcopy(module).to(dtype).eval())
-        with torch.no_grad():
-            out = functional_call(copies[0], {k: v.to(dtype) for k, v in overrides.items()}, inputs, strict=False)
-        return flat_tensors(out)
+    @abstractmethod
+    def run(self, overrides: Mapping[str, torch.Tensor], capture: Collection[str] = ()) -> dict[str, Any]:
+        """The whole model: the values of the `capture` nodes, and the outputs under `OUTPUT`."""
 
-    return run
+    @abstractmethod
+    def boundary(self, nodes: Collection[str]) -> set[str]:
+        """Nodes outside `nodes` whose values a run of just `nodes` reads."""
+
+    def differentiable(self) -> tuple[Callable[..., Any], tuple[torch.Tensor, ...]] | None:
+        """(a float32 function of the example inputs that autograd can differentiate, those inputs),
+        or None when the runtime has no autograd (onnxruntime)."""
+        return None
+
+    @abstractmethod
+    def run_segment(
+        self,
+        overrides: Mapping[str, torch.Tensor],
+        nodes: Collection[str],
+        capture: Collection[str],
+        given: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """Only `nodes`, reading their boundary from `given` (values of an earlier `run`)."""

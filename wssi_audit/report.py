@@ -1,4 +1,5 @@
-"""The audit report: typed records whose `to_dict()` is exactly the JSON contract (schema 1)."""
+"""The audit report: typed records whose `to_dict()` is exactly the JSON contract (schema 2,
+shipped as wssi_audit/report.schema.json and printed by `wssi-audit schema`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -24,6 +25,9 @@ class LayerRecord:
     log10_frobenius: float | None
     chain: int
     homogeneous: bool
+    status: str = "ok"  # ok | zero (all-zero weight) | non_finite (NaN or Inf in the layer's tensors)
+    log10_operator_norm: float | None = None  # certified upper bound at the traced input size
+    dead: bool = False  # its activated output is identically zero on the example input
 
 
 @dataclass
@@ -35,7 +39,10 @@ class ChainRecord:
     imbalance_decades: float | None
     wd_excess: float | None
     log10_wd_excess: float | None
-    verified: bool | None
+    verification: str  # verified | failed | unverifiable | trivial | not_run
+    verification_error: float | None = None  # largest relative change under the compensated shifts
+    verification_power: float | None = None  # relative change under the uncompensated control
+    verification_reason: str = ""
 
 
 @dataclass
@@ -72,6 +79,29 @@ class TraceRecord:
 
 
 @dataclass
+class FindingRecord:
+    code: str  # stable identifier, e.g. "imbalance", "non_finite_weights"
+    severity: str  # error | warning | info
+    message: str
+    action: str  # what to do about it
+    subjects: list[str] = field(default_factory=list)  # layers or chains concerned
+
+
+@dataclass
+class GradientRecord:
+    """Three input-gradient figures (log10 of l2 -> l2 norms), from loose to measured."""
+
+    log10_frobenius_bound: float | None  # the paper's product of Frobenius norms (what the regularizer controls)
+    log10_certified_bound: float | None  # proven upper bound from per-layer operator norms at the traced size
+    log10_measured: float | None  # ||dy/dx||_2 at the example inputs: a lower estimate of the truth
+    frobenius_note: str = ""
+    certified_note: str = ""
+    measured_note: str = ""
+    certified_method: str = ""
+    measured_method: str = ""
+
+
+@dataclass
 class ModelRecord:
     source: str
     format: str
@@ -84,13 +114,15 @@ class SummaryRecord:
     residual_blocks: int
     homogeneous_weight_fraction: float
     max_imbalance_decades: float | None
-    log10_input_gradient_bound: float | None
-    all_verified: bool | None
+    gradient: GradientRecord
+    all_verified: bool | None  # every chain of 2+ layers verified (None: not run)
+    verification: dict[str, int] = field(default_factory=dict)  # status -> number of chains
     log10_path2_norm: float | None = None
     log10_intrinsic_norm: float | None = None
-    input_gradient_bound_note: str = ""
     verification_note: str = ""
+    verification_dtype: str = ""
     max_verification_error: float | None = None
+    global_verification_error: float | None = None  # every chain shifted at once, at the outputs
 
 
 @dataclass
@@ -102,12 +134,19 @@ class Report:
     residual_blocks: list[ResidualBlockRecord]
     barriers: list[BarrierRecord]
     summary: SummaryRecord
+    findings: list[FindingRecord] = field(default_factory=list)
     tool_version: str = ""
 
     @property
     def failed_chains(self) -> list[ChainRecord]:
-        """Chains whose scale-shift check failed: an analyzer bug, never a model property."""
-        return [chain for chain in self.chains if chain.verified is False]
+        """Chains whose scale-shift check failed (an analyzer bug, or non-finite weights)."""
+        return [chain for chain in self.chains if chain.verification == "failed"]
+
+    @property
+    def inconsistent(self) -> bool:
+        """An analysis inconsistency (exit 3): a chain failed its self-check for a reason other than
+        its own non-finite weights, or the global check failed."""
+        return any(f.code in ("self_check_failed", "global_check_failed") for f in self.findings)
 
     def to_dict(self) -> dict[str, Any]:
         document = {
@@ -120,11 +159,19 @@ class Report:
             "residual_blocks": [asdict(x) for x in self.residual_blocks],
             "barriers": [asdict(x) for x in self.barriers],
             "summary": asdict(self.summary),
+            "findings": [asdict(x) for x in self.findings],
         }
         return _finite(document)
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+
+def schema_text() -> str:
+    """The JSON Schema of `Report.to_dict()`, as shipped in the package."""
+    from importlib.resources import files
+
+    return files(__package__).joinpath("report.schema.json").read_text()
 
 
 def _finite(value: Any) -> Any:

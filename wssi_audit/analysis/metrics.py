@@ -12,27 +12,37 @@ import torch
 from ..ir import Graph
 from ..ops import Role, overlap_factor, spec_of
 from .structure import Chain, ResidualBlock, Structure, WeightLayer
-from .weights import effective_weight
+from .weights import effective_weight, layer_tensor_keys
 
 NEG_INF = float("-inf")
 
 
+# A layer's weight status: its numbers are meaningful, it is all zeros, or it holds NaN/Inf.
+OK, ZERO, NON_FINITE = "ok", "zero", "non_finite"
+
+
 @dataclass
 class LayerNorms:
-    frobenius: float
+    frobenius: float  # NaN when the layer is not finite
     spectral: float | None
     bias_norm: float | None
     parameters: int
-    log10_frobenius: float  # -inf for an all-zero weight
+    log10_frobenius: float  # -inf for an all-zero weight, NaN for a non-finite one
     log10_operator_factor: float  # log10 of the conv overlap factor sqrt(prod ceil(k/s))
+    status: str = OK
 
 
 def _log10(value: float) -> float:
+    """log10, with log10(0) = -inf and NaN kept NaN (never shown as -inf, as if it were zero)."""
+    if math.isnan(value):
+        return math.nan
     return math.log10(value) if value > 0 else NEG_INF
 
 
 def log10_sum_exp10(values: list[float]) -> float:
-    """log10(sum 10^v) without overflow."""
+    """log10(sum 10^v) without overflow; NaN when any value is NaN."""
+    if any(math.isnan(v) for v in values):
+        return math.nan
     finite = [v for v in values if v != NEG_INF]
     if not finite:
         return NEG_INF
@@ -151,26 +161,38 @@ def operator_factor(layer: WeightLayer, weight: torch.Tensor) -> float:
     return overlap_factor(weight.shape[2:], layer.attrs.get("stride", 1), layer.attrs.get("dilation", 1))
 
 
+def layer_status(layer: WeightLayer, tensors: Mapping[str, torch.Tensor]) -> str:
+    """non_finite when any tensor of the layer's effective map (BatchNorm statistics included) holds
+    NaN or Inf; zero for an all-zero weight; else ok."""
+    if not all(bool(torch.isfinite(tensors[key]).all()) for key in layer_tensor_keys(layer)):
+        return NON_FINITE
+    return ZERO if not bool(tensors[layer.weight].any()) else OK
+
+
 def layer_norms(
     layers: list[WeightLayer], tensors: Mapping[str, torch.Tensor], spectral: bool = True
 ) -> dict[str, LayerNorms]:
+    statuses = [layer_status(layer, tensors) for layer in layers]
     effective = [effective_weight(layer, tensors) for layer in layers]
-    sigmas = (
-        spectral_norms([_kernel_matrices(layer, w) for layer, (w, _) in zip(layers, effective)])
-        if spectral and layers
-        else [None] * len(layers)
-    )
+    finite = [i for i, status in enumerate(statuses) if status != NON_FINITE]
+    sigmas: list[float | None] = [None] * len(layers)
+    if spectral and finite:
+        found = spectral_norms([_kernel_matrices(layers[i], effective[i][0]) for i in finite])
+        for i, sigma in zip(finite, found):
+            sigmas[i] = sigma
     result: dict[str, LayerNorms] = {}
-    for layer, (weight, bias), sigma in zip(layers, effective, sigmas):
-        frobenius = float(torch.linalg.vector_norm(weight))
+    for layer, (weight, bias), sigma, status in zip(layers, effective, sigmas, statuses):
+        frobenius = float(torch.linalg.vector_norm(weight)) if status != NON_FINITE else math.nan
+        bias_norm = float(torch.linalg.vector_norm(bias)) if bias is not None and status != NON_FINITE else None
         count = tensors[layer.weight].numel() + (tensors[layer.bias].numel() if layer.bias else 0)
         result[layer.name] = LayerNorms(
             frobenius=frobenius,
             spectral=sigma,
-            bias_norm=float(torch.linalg.vector_norm(bias)) if bias is not None else None,
+            bias_norm=bias_norm,
             parameters=int(count),
-            log10_frobenius=_log10(frobenius),
+            log10_frobenius=math.nan if status == NON_FINITE else _log10(frobenius),
             log10_operator_factor=math.log10(operator_factor(layer, weight)),
+            status=status,
         )
     return result
 
@@ -185,6 +207,8 @@ class ChainMetrics:
 def chain_metrics(chain: Chain, norms: Mapping[str, LayerNorms]) -> ChainMetrics:
     logs = [norms[layer.name].log10_frobenius for layer in chain.layers]
     total = sum(logs)
+    if any(math.isnan(v) for v in logs):
+        return ChainMetrics(math.nan, math.nan, math.nan)
     if any(v == NEG_INF for v in logs):
         return ChainMetrics(NEG_INF, float("inf"), float("inf"))
     count = len(logs)
@@ -197,16 +221,28 @@ def block_log10_branch_norm(block: ResidualBlock, norms: Mapping[str, LayerNorms
     return sum(norms[layer.name].log10_frobenius for layer in block.branch.layers)
 
 
+def frobenius_lipschitz(norms: Mapping[str, LayerNorms]) -> dict[str, float]:
+    """log10 of the paper's per-layer Lipschitz factor: ||W_eff||_F times the conv overlap factor."""
+    return {name: n.log10_frobenius + n.log10_operator_factor for name, n in norms.items()}
+
+
 def log10_input_gradient_bound(
-    graph: Graph, structure: Structure, norms: Mapping[str, LayerNorms]
+    graph: Graph,
+    structure: Structure,
+    norms: Mapping[str, LayerNorms],
+    layer_lipschitz: Mapping[str, float] | None = None,
 ) -> tuple[float | None, str]:
     """log10 of a Lipschitz bound on the model, propagated through the graph (science.md s.5).
 
-    Weight layers contribute ||W_eff||_F times the conv overlap factor; joins add, concats
-    add in quadrature. Reduces to prod ||W|| for a plain chain and to
-    ||W_in|| ||W_out|| prod (||s_b|| + prod ||V||) for a residual net. Returns (None, why)
-    when some op on the way has no known Lipschitz constant.
+    Weight layers contribute `layer_lipschitz` (log10; default ||W_eff||_F times the conv overlap
+    factor, the paper's bound); joins add, concats add in quadrature. Reduces to prod ||W|| for a
+    plain chain and to ||W_in|| ||W_out|| prod (||s_b|| + prod ||V||) for a residual net. Returns
+    (None, why) when some op on the way has no known Lipschitz constant.
     """
+    broken = [layer.name for layer in structure.layers if norms[layer.name].status == NON_FINITE]
+    if broken:
+        return None, f"non-finite weights in '{broken[0]}'"
+    lipschitz = layer_lipschitz if layer_lipschitz is not None else frobenius_lipschitz(norms)
     layer_at = {layer.node: layer for layer in structure.layers}
     folded = {layer.bn.node for layer in structure.layers if layer.bn is not None}
     bound: dict[str, float | None] = {}
@@ -224,8 +260,8 @@ def log10_input_gradient_bound(
         spec = spec_of(node.op)
         if node.name in layer_at:
             layer = layer_at[node.name]
-            lip = norms[layer.name].log10_frobenius + norms[layer.name].log10_operator_factor
-            bound[node.name] = inputs[0] + lip
+            lip = lipschitz.get(layer.name)
+            bound[node.name] = None if lip is None else inputs[0] + lip
         elif node.name in folded:
             bound[node.name] = inputs[0]
         elif node.op in ("add", "sub"):
@@ -272,7 +308,10 @@ def log10_input_gradient_bound(
         if culprit is None:
             return None, "no output depends on an input"
         return None, f"no Lipschitz bound through '{culprit.label}' ({culprit.op})"
-    return 0.5 * log10_sum_exp10([2 * v for v in outputs]), ""
+    total = 0.5 * log10_sum_exp10([2 * v for v in outputs])
+    if math.isnan(total):
+        return None, "non-finite values on the way (a parameter outside the weight layers)"
+    return total, ""
 
 
 def log10_path2_norm(graph: Graph, structure: Structure) -> float | None:
@@ -281,6 +320,8 @@ def log10_path2_norm(graph: Graph, structure: Structure) -> float | None:
     sqrt(1^T |W_L|^2 ... |W_1|^2 1): one forward pass of squared weights on an all-ones input.
     """
     if len(structure.chains) != 1 or any(s.status.value in ("barrier", "unknown") for s in structure.statuses.values()):
+        return None
+    if any(layer_status(layer, graph.tensors) == NON_FINITE for layer in structure.chains[0].layers):
         return None
     chain = structure.chains[0]
     if any(layer.op != "linear" for layer in chain.layers) or len(graph.inputs()) != 1:

@@ -95,3 +95,15 @@ def shift_layers(
         new_beta = (c - g) * scale * (conv_bias - mean) + c * beta
         overrides[bn.bias] = new_beta
     return overrides
+
+
+def layer_tensor_keys(layer: WeightLayer) -> list[str]:
+    """Every tensor a layer's effective map reads: weight, bias, and its folded BatchNorm's."""
+    keys = [layer.weight, *([layer.bias] if layer.bias else [])]
+    if layer.bn is not None:
+        keys += [layer.bn.weight, layer.bn.bias, layer.bn.running_mean, layer.bn.running_var]
+    return keys
+
+
+def chain_tensor_keys(layers: list[WeightLayer]) -> list[str]:
+    return [key for layer in layers for key in layer_tensor_keys(layer)]

@@ -3,4 +3,4 @@
 To add a command: write `commands/<name>.py` with `register(app: typer.Typer)` and list it here.
 """
 
-COMMAND_MODULES = ["audit", "demo", "check", "balance", "export", "finetune", "experiment"]
+COMMAND_MODULES = ["audit", "demo", "check", "balance", "export", "finetune", "experiment", "schema"]

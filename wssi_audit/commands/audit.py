@@ -8,11 +8,12 @@ from pathlib import Path
 import typer
 
 from ..audit import analyze
-from ..cli_support import console, handle_errors, write_atomic
-from ..errors import EXIT_INCONSISTENT, InputError
+from ..cli_support import check_output_file, console, handle_errors, write_atomic
+from ..errors import EXIT_INCONSISTENT, EXIT_OK, EXIT_RULE_FAILED, InputError
 from ..frontends import METHODS
 from ..loading import load_model, parse_input_shape, random_inputs
 from ..render import render_console, render_markdown
+from ..report import Report
 
 
 class OutputFormat(str, Enum):
@@ -26,10 +27,15 @@ ARCH = typer.Option(None, "--arch", help="Architecture for a state dict: 'packag
 INPUT_SHAPE = typer.Option(
     None, "--input-shape", help="Example input shape, e.g. 1,3,32,32 (several inputs: ';'-separated)."
 )
-TRUST_PICKLE = typer.Option(False, "--trust-pickle", help="Allow unpickling a whole module (trusted files only).")
+TRUST_PICKLE = typer.Option(
+    False, "--trust-pickle", help="Trust the file: allow pickles beyond tensors and code in .pt2/TorchScript files."
+)
 IMPORTS = typer.Option([], "--import", help="Import a module first (makes pickled classes or factories importable).")
 METHOD = typer.Option("auto", "--trace", help="How to trace an nn.Module: auto, fx or export.")
 SEED = typer.Option(0, "--seed", help="Seed of the random inputs and the random scale shifts.")
+MEASURE = typer.Option(
+    True, "--measure/--no-measure", help="Measure ||dy/dx|| at the example input (a backward pass or a few)."
+)
 
 
 def check_trace_method(method: str) -> None:
@@ -60,13 +66,32 @@ def register(app: typer.Typer) -> None:
         ),
         output: Path | None = typer.Option(None, "--output", "-o", help="Write the report here instead of stdout."),
         layers: bool = typer.Option(False, "--layers", help="Also show the per-layer table."),
-        verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every chain with a random scale shift."),
+        explain: bool = typer.Option(False, "--explain", help="Add a glossary: what each number means."),
+        plot: Path | None = typer.Option(
+            None, "--plot", help="Also write a PNG: layer norms by depth, imbalance, gradient figures."
+        ),
+        html: Path | None = typer.Option(None, "--html", help="Also write a standalone HTML report with the figures."),
+        verify: bool = typer.Option(
+            True, "--verify/--no-verify", help="Check every chain by weight scale shifts, with a control."
+        ),
+        measure: bool = MEASURE,
         seed: int = SEED,
     ) -> None:
-        """Trace a model, find its homogeneous chains and residual blocks, report norms in log10."""
+        """Trace a model, find its homogeneous chains and residual blocks, report norms in log10.
+
+        Exit codes: 0 ok; 1 an error-level finding (e.g. NaN weights); 2 usage or input error;
+        3 analysis inconsistency (a chain failed its self-check)."""
         check_trace_method(method)
+        for path, option in ((output, "--output"), (plot, "--plot"), (html, "--html")):
+            if path is not None:
+                check_output_file(path, option)
+        if plot is not None or html is not None:
+            from ..plots import require_matplotlib
+
+            require_matplotlib()  # before the work, not after it
         loaded = load_for_cli(model, arch, input_shape, trust_pickle, imports, seed)
-        report = analyze(loaded, method=method, verify=verify, seed=seed).report
+        report = analyze(loaded, method=method, verify=verify, measure=measure, seed=seed).report
+        write_pictures(report, plot, html)
         if output_format is OutputFormat.json:
             text = report.to_json() + "\n"
         elif output_format is OutputFormat.markdown:
@@ -77,12 +102,34 @@ def register(app: typer.Typer) -> None:
             if text is None:
                 from ..render import render_text
 
-                text = render_text(report, layers=layers)
+                text = render_text(report, layers=layers, explain=explain)
             write_atomic(output, text)
             console.print(f"report written to {output}")
         elif text is not None:
             typer.echo(text, nl=False)
         else:
-            render_console(report, console, layers=layers)
-        if report.failed_chains:
-            raise typer.Exit(EXIT_INCONSISTENT)
+            render_console(report, console, layers=layers, explain=explain)
+        raise typer.Exit(report_exit_code(report))
+
+
+def write_pictures(report: Report, plot: Path | None, html: Path | None) -> None:
+    """--plot and --html: rendered first, then written atomically (never a partial file)."""
+    if plot is None and html is None:
+        return
+    from ..plots import figure_png, report_html
+
+    if plot is not None:
+        write_atomic(plot, figure_png(report))
+        console.print(f"figure written to {plot}", highlight=False)
+    if html is not None:
+        write_atomic(html, report_html(report))
+        console.print(f"HTML report written to {html}", highlight=False)
+
+
+def report_exit_code(report: Report) -> int:
+    """3 for an analysis inconsistency, 1 for an error-level finding (a broken model), else 0."""
+    if report.inconsistent:
+        return EXIT_INCONSISTENT
+    if any(finding.severity == "error" for finding in report.findings):
+        return EXIT_RULE_FAILED
+    return EXIT_OK

@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..balance import balance, save_balanced
-from ..cli_support import console, handle_errors
+from ..balance import balance, check_output_suffix, save_balanced
+from ..cli_support import check_output_file, console, handle_errors
 from ..errors import InputError
 from .audit import ARCH, IMPORTS, INPUT_SHAPE, METHOD, SEED, TRUST_PICKLE, check_trace_method, load_for_cli
 
@@ -43,7 +43,9 @@ def register(app: typer.Typer) -> None:
         check_trace_method(method)
         if output.exists() and output.resolve() == model.resolve():
             raise InputError("--output must differ from the input model: the input is never modified")
+        check_output_file(output, "--output")
         loaded = load_for_cli(model, arch, input_shape, trust_pickle, imports, seed)
+        check_output_suffix(loaded.format, output, loaded.checkpoint)
         result = balance(loaded, method=method, seed=seed, residual_stream=residual_stream)
         written = save_balanced(result, output)
 

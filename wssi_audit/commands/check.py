@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -28,10 +29,10 @@ from ..checks import (
     rules_from_config,
     run_checks,
 )
-from ..cli_support import console, error_console, handle_errors, write_atomic
+from ..cli_support import check_output_file, console, error_console, handle_errors, write_atomic
 from ..errors import EXIT_INCONSISTENT, EXIT_OK, EXIT_RULE_FAILED, EXIT_USAGE, WssiError
 from ..loading import LoadedModel
-from .audit import ARCH, IMPORTS, INPUT_SHAPE, METHOD, SEED, TRUST_PICKLE, check_trace_method, load_for_cli
+from .audit import ARCH, IMPORTS, INPUT_SHAPE, MEASURE, METHOD, SEED, TRUST_PICKLE, check_trace_method, load_for_cli
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 every rule passed; 1 a rule failed; 2 usage or input error (bad option, config, "
@@ -45,6 +46,7 @@ class CheckFormat(str, Enum):
     json = "json"
     junit = "junit"
     github = "github"
+    sarif = "sarif"
 
 
 @dataclass
@@ -183,15 +185,118 @@ def render_github(outcomes: list[ModelOutcome]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SARIF_LEVEL = {"error": "error", "warning": "warning", "info": "note"}
+RULE_HELP = {
+    "self-check": "A chain changed its output under a function-preserving weight scale shift: an analyzer bug.",
+    "load": "The model file could not be read or traced.",
+    "require-verified": "Every chain of 2+ layers must pass its scale-shift self-check with a control.",
+    "max-imbalance": "Largest spread of log10 layer norms inside a chain (decades); fix: wssi-audit balance.",
+    "max-log10-intrinsic-norm": "Largest log10 product of a chain's layer norms.",
+    "max-log10-gradient-bound": "log10 of the certified input-gradient (Lipschitz) bound.",
+    "min-coverage": "Share of the graph's ops that the op table knows.",
+}
+
+
+def _sarif_rule(rule_id: str) -> dict[str, Any]:
+    text = RULE_HELP.get(rule_id) or RULE_HELP.get(rule_id.split(":")[0], "")
+    if rule_id.startswith("finding:"):
+        text = f"wssi-audit finding '{rule_id.split(':', 1)[1]}' (see the audit report's findings)."
+    elif rule_id.startswith("baseline:"):
+        text = f"Regression of '{rule_id.split(':', 1)[1]}' against the baseline report."
+    return {
+        "id": rule_id,
+        "name": "".join(part.capitalize() for part in rule_id.replace(":", "-").split("-")),
+        "shortDescription": {"text": text or rule_id},
+        "helpUri": "https://github.com/wssi-audit/wssi-audit/blob/main/docs/ci.md",
+    }
+
+
+def render_sarif(outcomes: list[ModelOutcome]) -> str:
+    """SARIF 2.1.0: one result per failed rule or per finding, located at the model file."""
+    from .._version import __version__
+
+    rules: dict[str, int] = {}
+    results: list[dict[str, Any]] = []
+
+    def add(rule_id: str, level: str, text: str, source: str) -> None:
+        index = rules.setdefault(rule_id, len(rules))
+        uri = Path(source).as_posix()
+        fingerprint = hashlib.sha256(f"{rule_id}|{uri}|{text}".encode()).hexdigest()[:32]
+        results.append(
+            {
+                "ruleId": rule_id,
+                "ruleIndex": index,
+                "level": level,
+                "message": {"text": text},
+                "locations": [
+                    {
+                        "physicalLocation": {
+                            "artifactLocation": {
+                                "uri": uri,
+                                **({} if Path(uri).is_absolute() else {"uriBaseId": "%SRCROOT%"}),
+                            },
+                            "region": {"startLine": 1},
+                        }
+                    }
+                ],
+                "partialFingerprints": {"wssiAuditResult/v1": fingerprint},
+            }
+        )
+
+    for outcome in outcomes:
+        if outcome.error is not None:
+            add("load", "error", outcome.error, outcome.source)
+            continue
+        for r in outcome.results:
+            if r.status == FAIL and not r.name.startswith("finding:"):
+                add(r.name, "error", f"{r.name} failed: {r.message}", outcome.source)
+        for finding in (outcome.document or {}).get("findings", []):
+            add(
+                f"finding:{finding['code']}",
+                SARIF_LEVEL.get(finding["severity"], "note"),
+                f"{finding['message']}. What to do: {finding['action']}",
+                outcome.source,
+            )
+    log = {
+        "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
+        "version": "2.1.0",
+        "runs": [
+            {
+                "tool": {
+                    "driver": {
+                        "name": "wssi-audit",
+                        "version": __version__,
+                        "informationUri": "https://github.com/wssi-audit/wssi-audit",
+                        "rules": [_sarif_rule(rule_id) for rule_id in rules],
+                    }
+                },
+                "results": results,
+                "invocations": [
+                    {
+                        "executionSuccessful": all(o.error is None for o in outcomes),
+                        "exitCode": overall_exit_code(outcomes),
+                    }
+                ],
+            }
+        ],
+    }
+    return json.dumps(log, indent=2) + "\n"
+
+
 def check_models(
-    models: list[Path], rules: Rules, load: Callable[[Path], LoadedModel], method: str = "auto", seed: int = 0
+    models: list[Path],
+    rules: Rules,
+    load: Callable[[Path], LoadedModel],
+    method: str = "auto",
+    seed: int = 0,
+    measure: bool = True,
 ) -> list[ModelOutcome]:
     """Audit and check each model; an unreadable model becomes an error outcome, not an abort."""
     outcomes = []
     for path in models:
         outcome = ModelOutcome(str(path))
         try:
-            report = analyze(load(path), method=method, verify=True, seed=seed).report
+            report = analyze(load(path), method=method, verify=True, measure=measure, seed=seed).report
             outcome.document = report.to_dict()
             outcome.results = run_checks(outcome.document, rules)  # reads rules.baseline itself
         except WssiError as error:
@@ -215,13 +320,20 @@ def register(app: typer.Typer) -> None:
             None, "--max-log10-intrinsic-norm", help="Fail when a chain's log10 intrinsic norm exceeds this."
         ),
         max_log10_gradient_bound: float | None = typer.Option(
-            None, "--max-log10-gradient-bound", help="Fail when log10 of the input-gradient bound exceeds this."
+            None,
+            "--max-log10-gradient-bound",
+            help="Fail when log10 of the certified input-gradient bound exceeds this.",
         ),
         min_coverage: float | None = typer.Option(
             None, "--min-coverage", help="Fail when less than this fraction of ops (0..1) is analysed."
         ),
         require_verified: bool | None = typer.Option(
-            None, "--require-verified/--no-require-verified", help="Fail unless every chain is verified."
+            None,
+            "--require-verified/--no-require-verified",
+            help="Fail unless every chain of 2+ layers is verified (not failed, not unverifiable).",
+        ),
+        fail_on: str | None = typer.Option(
+            None, "--fail-on", help="Fail on findings of this severity or worse: error (default), warning, info, none."
         ),
         baseline: Path | None = typer.Option(
             None, "--baseline", help="Earlier JSON report: fail when a metric regressed by more than --tolerance."
@@ -230,7 +342,7 @@ def register(app: typer.Typer) -> None:
             None, "--tolerance", help="Allowed regression vs --baseline, in the metric's units (default 0.05)."
         ),
         output_format: CheckFormat = typer.Option(
-            CheckFormat.table, "--format", "-f", help="table, json, junit or github."
+            CheckFormat.table, "--format", "-f", help="table, json, junit, github or sarif (code scanning)."
         ),
         output: Path | None = typer.Option(None, "--output", "-o", help="Write the result here instead of stdout."),
         arch: str | None = ARCH,
@@ -238,15 +350,19 @@ def register(app: typer.Typer) -> None:
         trust_pickle: bool = TRUST_PICKLE,
         imports: list[str] = IMPORTS,
         method: str = METHOD,
+        measure: bool = MEASURE,
         seed: int = SEED,
     ) -> None:
         check_trace_method(method)
+        if output is not None:
+            check_output_file(output, "--output")
         overrides = {
             "max_imbalance": max_imbalance,
             "max_log10_intrinsic_norm": max_log10_intrinsic_norm,
             "max_log10_gradient_bound": max_log10_gradient_bound,
             "min_coverage": min_coverage,
             "require_verified": require_verified,
+            "fail_on": fail_on,
             "baseline": str(baseline) if baseline is not None else None,
             "tolerance": tolerance,
         }
@@ -257,7 +373,7 @@ def register(app: typer.Typer) -> None:
         def load(path: Path) -> LoadedModel:
             return load_for_cli(path, arch, input_shape, trust_pickle, imports, seed)
 
-        outcomes = check_models(models, rules, load, method, seed)
+        outcomes = check_models(models, rules, load, method, seed, measure)
         text = _render(outcomes, output_format)
         if output is not None:
             write_atomic(output, text)
@@ -277,6 +393,8 @@ def _render(outcomes: list[ModelOutcome], output_format: CheckFormat) -> str:
         return render_junit(outcomes)
     if output_format is CheckFormat.github:
         return render_github(outcomes)
+    if output_format is CheckFormat.sarif:
+        return render_sarif(outcomes)
     buffer = io.StringIO()
     render_table(outcomes, Console(file=buffer, width=max(console.width, 100), force_terminal=console.is_terminal))
     return buffer.getvalue()

@@ -7,9 +7,9 @@ from pathlib import Path
 import typer
 
 from ..audit import analyze
-from ..cli_support import console, handle_errors
-from ..errors import EXIT_INCONSISTENT
+from ..cli_support import check_output_folder, console, handle_errors
 from ..render import render_console
+from .audit import report_exit_code
 
 
 def register(app: typer.Typer) -> None:
@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
         .pt2, then audit it."""
         from ..demo import build_demo
 
+        check_output_folder(output_dir, "--output-dir")
         with console.status("training on scikit-learn digits..."):
             result = build_demo(output_dir, arch, epochs, seed)
         console.print(
@@ -34,5 +35,4 @@ def register(app: typer.Typer) -> None:
         report = analyze(result.path, seed=seed).report
         render_console(report, console)
         console.print(f"audit it again with: wssi-audit {result.path}")
-        if report.failed_chains:
-            raise typer.Exit(EXIT_INCONSISTENT)
+        raise typer.Exit(report_exit_code(report))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from ..cli_support import console, handle_errors
+from ..cli_support import check_output_folder, console, handle_errors
 from ..errors import InputError
 
 
@@ -27,6 +27,8 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from ..experiments import default_config, large_config, quick_config, run_experiments
+
+        check_output_folder(output, "--output")
 
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise InputError("--device cuda: CUDA is not available on this machine")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..cli_support import console, handle_errors
+from ..cli_support import check_output_file, console, handle_errors
 from ..regularizer import DEFAULT_FORM, DEFAULT_STRENGTH
 
 
@@ -32,7 +32,9 @@ def register(app: typer.Typer) -> None:
         ),
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint."),
         arch: str | None = typer.Option(None, "--arch", help="State dict architecture: 'package.module:factory'."),
-        trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow unpickling a module (trusted files)."),
+        trust_pickle: bool = typer.Option(
+            False, "--trust-pickle", help="Trust the file: allow pickles beyond tensors and code in .pt2 files."
+        ),
         seed: int = typer.Option(0, "--seed", help="Seed of the split, the data order and dropout."),
     ) -> None:
         """Fine-tune MODEL with SGD and the weight-scale-shift-invariant regularizer; writes the model in
@@ -40,6 +42,8 @@ def register(app: typer.Typer) -> None:
         before/after audit comparison."""
         from ..training.finetune import run_finetune
 
+        if output is not None:
+            check_output_file(output, "--output")
         run_finetune(
             model,
             data=data,

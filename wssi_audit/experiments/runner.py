@@ -197,7 +197,7 @@ def audit_measures(model: Normalized, example: torch.Tensor) -> dict[str, Any]:
     return {
         "log10_intrinsic_norm": sum(intrinsic) if intrinsic else None,  # sum over all chains
         "max_imbalance_decades": report["summary"]["max_imbalance_decades"],
-        "log10_input_gradient_bound": report["summary"]["log10_input_gradient_bound"],
+        "log10_input_gradient_bound": report["summary"]["gradient"]["log10_frobenius_bound"],
         "min_layer_log10_norm": min(finite) if finite else None,
         "chain_log10_intrinsic_norms": [round(c["log10_intrinsic_norm"], 4) for c in chains],
         "weight_decay_penalty": weight_decay_penalty(net),

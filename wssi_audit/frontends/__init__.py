@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, TraceError, describe
-from ..ir import Graph, make_module_runner
+from ..ir import Graph
 from .torch_export import example_inputs_of, export_module, trace_export
 from .torch_fx import trace_fx
 
@@ -45,8 +45,7 @@ def graph_from_module(module: nn.Module, example_inputs: Sequence[Any] | None, m
             return fx_graph
         reason = f"symbolic tracing failed ({describe(fx_error)}); " if fx_error else ""
         raise TraceError(f"{reason}torch.export failed ({describe(error)})") from None
-    graph = trace_export(program, None, method="export")
-    graph.runner = make_module_runner(module, example_inputs)
+    graph = trace_export(program, example_inputs, method="export")
     graph.parameter_count = count
     return graph
 

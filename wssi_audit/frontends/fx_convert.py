@@ -137,7 +137,8 @@ class FxConverter:
         self.shapes = shapes or {}  # fx node name -> traced output shape, when known
         self.nodes: dict[str, Node] = {}
         self.activations: set[str] = set()
-        # fx node -> the node whose activation it is (read-through ops, an op's main output)
+        # fx node -> the node whose activation it is (read-through ops, an op's main output); a
+        # runner computes such an fx node as part of that node (`absorbed`)
         self.alias: dict[str, str] = {}
         # fx node -> state_dict key of the 2-d parameter it is the transpose of (core ATen's linear)
         self.transposed_param: dict[str, str] = {}
@@ -152,6 +153,11 @@ class FxConverter:
 
     def _is_activation(self, value: Any) -> bool:
         return self._activation(value) is not None
+
+    @property
+    def absorbed(self) -> dict[str, str]:
+        """fx nodes that are no graph node of their own -> the graph node they are part of."""
+        return dict(self.alias)
 
     def _param_key(self, value: Any) -> str | None:
         if isinstance(value, fx.Node):

@@ -15,7 +15,7 @@ the initializer's name (also multiplied by Gemm's alpha; a Gemm bias by beta), a
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import InputError, TraceError, describe
-from ..ir import Graph, Node
+from ..errors import InputError, TraceError, describe, shorten
+from ..ir import Graph, Node, Runner
 
 # ONNX op_type -> canonical op (wssi_audit.ops). Ops resolved by `_convert_node` because their
 # meaning depends on the operands: Gemm, MatMul, Add, Sub, Mul, Div, Gather, BatchNormalization.
@@ -112,22 +112,88 @@ _PARAM_INPUTS = {
 
 
 def load_onnx(path: str | Path) -> Any:
-    """Read and check an ONNX file; any problem is an `InputError` with one line."""
+    """Read and check an ONNX file; any problem is an `InputError` with one line. External data is
+    read only from regular files inside the model's folder (no absolute paths, no '..', no symlink
+    out), whatever the installed onnx version checks itself."""
     import onnx
 
     path = Path(path)
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as error:
         raise InputError(f"cannot read ONNX file {path.name}: {describe(error)}") from None
     if not model.graph.node:
         raise InputError(f"cannot read ONNX file {path.name}: it holds no graph (empty or not an ONNX model)")
+    _load_external_data(model, path)
+    missing = _unproduced_inputs(model.graph, set())
+    if missing:
+        node, name = missing[0]
+        label = f"{node.name} ({node.op_type})" if node.name else node.op_type
+        raise InputError(
+            shorten(
+                f"invalid ONNX model {path.name}: node {label} reads '{name}', which is no initializer, "
+                f"graph input or node output (a missing initializer?)"
+            )
+        )
     try:
         # Protos over 2 GB (external data) can only be checked from the file.
         onnx.checker.check_model(str(path) if path.stat().st_size > 2**31 - 1 else model)
     except Exception as error:
         raise InputError(f"invalid ONNX model {path.name}: {describe(error)}") from None
     return model
+
+
+def _external_tensors(model: Any) -> list[Any]:
+    """Every tensor of the model stored outside the .onnx file (initializers, constants, subgraphs)."""
+    from onnx import external_data_helper
+
+    return [t for t in external_data_helper._get_all_tensors(model) if external_data_helper.uses_external_data(t)]
+
+
+def _load_external_data(model: Any, path: Path) -> None:
+    from onnx import external_data_helper
+
+    tensors = _external_tensors(model)
+    if not tensors:
+        return
+    folder = path.parent.resolve()
+    for tensor in tensors:
+        info = external_data_helper.ExternalDataInfo(tensor)
+        location = info.location or ""
+        where = f"ONNX file {path.name}: tensor {tensor.name} stores its data in '{location}'"
+        parts = location.replace("\\", "/").split("/")
+        if not location or Path(location).is_absolute() or location.startswith(("/", "\\")) or ".." in parts:
+            raise InputError(shorten(f"{where}, outside the model's folder"))
+        target = folder / location
+        try:
+            real = target.resolve(strict=True)
+        except (FileNotFoundError, RuntimeError, OSError):
+            raise InputError(shorten(f"{where}, which is missing")) from None
+        if folder not in real.parents:
+            raise InputError(shorten(f"{where}, a link out of the model's folder"))
+        if not real.is_file():
+            raise InputError(shorten(f"{where}, which is not a regular file"))
+        end = (info.offset or 0) + (info.length or 0)
+        if end > real.stat().st_size:
+            raise InputError(shorten(f"{where}, which is shorter ({real.stat().st_size} bytes) than it says ({end})"))
+    try:
+        external_data_helper.load_external_data_for_model(model, str(folder))
+    except Exception as error:
+        raise InputError(f"cannot read external data of ONNX file {path.name}: {describe(error)}") from None
+
+
+def _unproduced_inputs(graph: Any, outer: set[str]) -> list[tuple[Any, str]]:
+    """(node, name) for node inputs nothing defines: no initializer, graph input, node output or
+    name of an enclosing graph."""
+    known = outer | {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    known |= {t.values.name for t in graph.sparse_initializer}
+    known |= {name for node in graph.node for name in node.output}
+    missing = [(node, name) for node in graph.node for name in node.input if name and name not in known]
+    for node in graph.node:
+        for attribute in node.attribute:
+            for subgraph in [attribute.g, *attribute.graphs] if attribute.type in (5, 10) else []:
+                missing += _unproduced_inputs(subgraph, known)
+    return missing
 
 
 @dataclass
@@ -314,6 +380,9 @@ class _Converter:
         self.producer: dict[str, str] = {}  # ONNX value name -> internal node name
         self.activations: set[str] = set()  # ONNX value names carrying activations
         self.fused: set[int] = set()  # indices of Add nodes fused into a MatMul
+        self.onnx_nodes: dict[str, list[int]] = {}  # internal node -> indices of the ONNX nodes it stands for
+        self.values: dict[str, list[str]] = {}  # internal node -> the ONNX values it outputs
+        self._index = -1
         self.consumers: dict[str, list[int]] = {}
         for index, node in enumerate(self.graph.node):
             for name in node.input:
@@ -335,6 +404,11 @@ class _Converter:
 
     def _add(self, node: Node, outputs: Sequence[str], activation: bool = True) -> None:
         self.nodes[node.name] = node
+        if self._index >= 0:
+            fused = [i for i in self.fused if i > self._index and set(self.graph.node[i].output) & set(outputs)]
+            self.onnx_nodes[node.name] = [self._index, *fused]
+        named = [out for out in outputs if out]
+        self.values[node.name] = named[-1:] if len(self.onnx_nodes.get(node.name, ())) > 1 else named
         for out in outputs:
             if out:
                 self.producer[out] = node.name
@@ -357,6 +431,7 @@ class _Converter:
             self._add(Node(value.name, "input", source="input"), [value.name])
         for index, onnx_node in enumerate(self.graph.node):
             if index not in self.fused:
+                self._index = index
                 self._convert_node(index, onnx_node)
         outputs = [self.producer[v.name] for v in self.graph.output if v.name in self.producer and self._is_act(v.name)]
         self.nodes["output"] = Node("output", "output", inputs=outputs, source="output")
@@ -509,36 +584,130 @@ def default_inputs(model: Any, seed: int = 0) -> tuple[torch.Tensor, ...]:
     return tuple(inputs)
 
 
-def make_onnx_runner(onnx_model: OnnxModel, example_inputs: Sequence[Any]):
-    """Runs the model in onnxruntime with some initializers replaced (session rebuilt per call)."""
-    import onnxruntime as ort
+class OnnxRunner(Runner):
+    """Runs the model in onnxruntime (float32: ORT has no float64 kernels for most ops, e.g. Conv).
+
+    Intermediate values come back by adding them as graph outputs; a segment runs as a sub-model cut
+    out with onnx.utils.Extractor, its boundary values fed as inputs.
+    """
+
+    dtype = torch.float32
+
+    def __init__(self, onnx_model: OnnxModel, converter: _Converter, example_inputs: Sequence[Any]) -> None:
+        from onnx import helper, shape_inference
+
+        self.model = onnx_model
+        proto = onnx_model.proto
+        self._values = converter.values
+        self._onnx_nodes = converter.onnx_nodes
+        self._initializers = {init.name for init in proto.graph.initializer}
+        self._input_names = [v.name for v in proto.graph.input if v.name not in self._initializers]
+        self._output_names = [v.name for v in proto.graph.output]
+        try:
+            inferred = shape_inference.infer_shapes(proto)
+            infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+        except Exception:
+            infos = [*proto.graph.input, *proto.graph.output]
+        self._info = {v.name: v for v in infos}
+        input_types = {v.name: v.type.tensor_type.elem_type for v in proto.graph.input}
+        self._feeds = {}
+        for name, value in zip(self._input_names, example_inputs):
+            array = value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
+            self._feeds[name] = array.astype(helper.tensor_dtype_to_np_dtype(input_types[name]))
+        self._options = None
+
+    def _session(self, proto: Any) -> Any:
+        import onnxruntime as ort
+
+        if self._options is None:
+            self._options = ort.SessionOptions()
+            self._options.log_severity_level = 3
+        return ort.InferenceSession(proto.SerializeToString(), self._options, providers=["CPUExecutionProvider"])
+
+    def _value_info(self, name: str) -> Any:
+        from onnx import TensorProto, helper
+
+        return self._info.get(name) or helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+
+    def _collect(self, names: list[str], arrays: list[Any], capture: Collection[str]) -> dict[str, Any]:
+        by_value = {name: torch.from_numpy(np.asarray(a)) for name, a in zip(names, arrays)}
+        out = {
+            node: [_as_float64(by_value[v]) for v in self._values.get(node, []) if v in by_value] for node in capture
+        }
+        return {k: (v[0] if len(v) == 1 else v) for k, v in out.items()}
+
+    def run(self, overrides: Mapping[str, torch.Tensor], capture: Collection[str] = ()) -> dict[str, Any]:
+        proto = self.model.with_tensors(overrides)
+        extra = [v for node in capture for v in self._values.get(node, []) if v not in self._output_names]
+        extra = [v for v in dict.fromkeys(extra) if v not in self._input_names]
+        if extra:
+            proto = copy.deepcopy(proto) if proto is self.model.proto else proto
+            proto.graph.output.extend(self._value_info(v) for v in extra)
+        names = [*self._output_names, *extra]
+        arrays = self._session(proto).run(names, self._feeds)
+        values = self._collect(names, arrays, [c for c in capture])
+        for node in capture:  # graph inputs are fed, not computed
+            inputs = [v for v in self._values.get(node, []) if v in self._feeds]
+            if inputs:
+                values[node] = _as_float64(torch.from_numpy(self._feeds[inputs[0]]))
+        values[self.OUTPUT] = [_as_float64(torch.from_numpy(np.asarray(a))) for a in arrays[: len(self._output_names)]]
+        return values
+
+    def _segment_inputs(self, nodes: Collection[str]) -> dict[str, str]:
+        """ONNX value read by the segment from outside -> the internal node producing it."""
+        inside = {i for node in nodes for i in self._onnx_nodes.get(node, [])}
+        produced = {v for i in inside for v in self.model.proto.graph.node[i].output}
+        producer = {v: node for node, values in self._values.items() for v in values}
+        needed: dict[str, str] = {}
+        for i in inside:
+            for value in self.model.proto.graph.node[i].input:
+                if value and value not in produced and value not in self._initializers:
+                    if value not in producer:
+                        raise KeyError(f"ONNX value '{value}' has no producing node")
+                    needed[value] = producer[value]
+        return needed
+
+    def boundary(self, nodes: Collection[str]) -> set[str]:
+        return set(self._segment_inputs(nodes).values())
+
+    def run_segment(
+        self,
+        overrides: Mapping[str, torch.Tensor],
+        nodes: Collection[str],
+        capture: Collection[str],
+        given: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        from onnx import utils
+
+        inputs = self._segment_inputs(nodes)
+        outputs = list(dict.fromkeys(v for node in capture for v in self._values.get(node, [])))
+        proto = copy.deepcopy(self.model.with_tensors(overrides))
+        present = {v.name for v in proto.graph.value_info}
+        proto.graph.value_info.extend(
+            self._info[v] for v in [*inputs, *outputs] if v in self._info and v not in present
+        )
+        sub = utils.Extractor(proto).extract_model(list(inputs), outputs)
+        feeds = {}
+        for value, node in inputs.items():
+            given_value = given[node]
+            tensors = given_value if isinstance(given_value, list) else [given_value]
+            position = self._values[node].index(value) if len(tensors) > 1 else 0
+            dtype = helper_dtype(self._info.get(value))
+            feeds[value] = tensors[position].detach().cpu().numpy().astype(dtype)
+        arrays = self._session(sub).run(outputs, feeds)
+        return self._collect(outputs, arrays, capture)
+
+
+def helper_dtype(info: Any) -> Any:
     from onnx import helper
 
-    initializers = {init.name for init in onnx_model.proto.graph.initializer}
-    names = [v.name for v in onnx_model.proto.graph.input if v.name not in initializers]
-    input_types = {v.name: v.type.tensor_type.elem_type for v in onnx_model.proto.graph.input}
+    if info is None or not info.type.tensor_type.elem_type:
+        return np.float32
+    return helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type)
 
-    feeds = {}
-    for name, value in zip(names, example_inputs):
-        array = value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
-        feeds[name] = array.astype(helper.tensor_dtype_to_np_dtype(input_types[name]))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    cache: dict[str, Any] = {}
 
-    def session(proto: Any) -> Any:
-        return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-    def run(overrides: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        if overrides:
-            sess = session(onnx_model.with_tensors(overrides))
-        else:
-            if "base" not in cache:
-                cache["base"] = session(onnx_model.proto)
-            sess = cache["base"]
-        return [torch.from_numpy(np.asarray(out)).double() for out in sess.run(None, feeds)]
-
-    return run
+def _as_float64(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.double() if tensor.is_floating_point() else tensor
 
 
 def graph_from_onnx(model: Any, example_inputs: Sequence[Any] | None = None, seed: int = 0) -> Graph:
@@ -562,8 +731,7 @@ def graph_from_onnx(model: Any, example_inputs: Sequence[Any] | None = None, see
     graph.parameter_count = int(sum(tensors[key].numel() for key in used if key in tensors))
     inputs = tuple(example_inputs) if example_inputs is not None else default_inputs(normalized, seed)
     try:
-        graph.runner = make_onnx_runner(onnx_model, inputs)
-        graph.runner_dtype = torch.float32  # ORT has no float64 kernels for most ops (conv)
+        graph.runner = OnnxRunner(onnx_model, converter, inputs)
         graph.runner({})
     except Exception as error:
         graph.runner = None

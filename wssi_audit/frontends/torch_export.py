@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -10,8 +9,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..ir import Graph, Runner, flat_tensors
+from ..ir import Graph
 from .fx_convert import FxConverter
+from .fx_runner import FxRunner
 from .fx_tables import SUBGRAPH_OPS
 
 
@@ -40,34 +40,6 @@ def example_inputs_of(program: torch.export.ExportedProgram, seed: int = 0) -> t
         else:
             inputs.append(torch.zeros(shape, dtype=value.dtype))
     return tuple(inputs)
-
-
-def _program_runner(program: torch.export.ExportedProgram, example_inputs: Sequence[Any]) -> tuple[Runner, torch.dtype]:
-    from torch.func import functional_call
-
-    # A private copy: program.module() shares the program's tensors, and .to() would convert them.
-    module = copy.deepcopy(program.module())
-    dtype = torch.float64
-    # The float64 probe's output is the unshifted reference: a float64 forward costs seconds.
-    reference: list[torch.Tensor] | None = None
-    try:
-        module = module.to(dtype)
-        inputs = tuple(x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in example_inputs)
-        with torch.no_grad():
-            reference = flat_tensors(module(*inputs))
-    except Exception:
-        dtype = torch.float32
-        module = copy.deepcopy(program.module()).to(dtype)
-        inputs = tuple(example_inputs)
-
-    def run(overrides: Any) -> list[torch.Tensor]:
-        if not overrides and reference is not None:
-            return [tensor.clone() for tensor in reference]
-        with torch.no_grad():
-            out = functional_call(module, {k: v.to(dtype) for k, v in overrides.items()}, inputs, strict=False)
-        return flat_tensors(out)
-
-    return run, dtype
 
 
 def _subgraph_call(node: fx.Node, owner: nn.Module) -> tuple[fx.GraphModule, list[Any]] | None:
@@ -150,7 +122,7 @@ def trace_export(
     fixed = {k: tensors[k] for k in fixed_keys if k in tensors} if signature.inputs_to_parameters else {}
     converter = FxConverter(None, param_of, tensor_nodes, fixed=fixed, shapes=shapes)
     nodes = converter.convert(graph)
-    runner, dtype = (None, torch.float64)
+    runner = None
     if example_inputs is not None:
-        runner, dtype = _program_runner(program, example_inputs)
-    return Graph(nodes, tensors, method, [], runner, dtype)
+        runner = FxRunner(program.module(), example_inputs, absorbed=converter.absorbed)
+    return Graph(nodes, tensors, method, [], runner)

@@ -9,8 +9,9 @@ import torch
 from torch import fx, nn
 
 from ..errors import describe
-from ..ir import Graph, Unanalyzed, make_module_runner
+from ..ir import Graph, Unanalyzed
 from .fx_convert import FxConverter
+from .fx_runner import FxRunner
 
 
 class _LeafTracer(fx.Tracer):
@@ -120,5 +121,5 @@ def trace_fx(module: nn.Module, example_inputs: Sequence[Any] | None = None) -> 
         for path, reason in leaves.items()
     ]
     tensors = dict(module.state_dict(keep_vars=False))
-    runner = make_module_runner(module, example_inputs) if example_inputs is not None else None
+    runner = FxRunner(gm, example_inputs) if example_inputs is not None else None
     return Graph(nodes, tensors, "fx+leaves" if leaves else "fx", unanalyzed, runner)

@@ -179,7 +179,7 @@ def _summary(report: Any, accuracy: float, loss: float) -> AuditSummary:
     return AuditSummary(
         log10_intrinsic_norm=sum(norms) if norms and finite else None,
         max_imbalance_decades=report.summary.max_imbalance_decades,
-        log10_input_gradient_bound=report.summary.log10_input_gradient_bound,
+        log10_input_gradient_bound=report.summary.gradient.log10_frobenius_bound,
         accuracy=accuracy,
         loss=loss,
     )

