@@ -17,7 +17,6 @@ from wssi_audit.audit import audit
 from wssi_audit.balance import balance, save_balanced
 from wssi_audit.cli import app
 from wssi_audit.errors import InputError
-from wssi_audit.frontends.torch_support import supports
 from wssi_audit.loading import load_model
 from wssi_audit.models import INPUT_SHAPES, create_model
 
@@ -139,18 +138,7 @@ def _onnx_run(path: Path, x: torch.Tensor) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
 
 
-@pytest.mark.parametrize(
-    "source",
-    [
-        "state_dict",
-        pytest.param(
-            "pt2",
-            marks=pytest.mark.skipif(
-                not supports("onnx_from_program"), reason="needs torch >= 2.7 (test_torch_versions covers older)"
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("source", ["state_dict", "pt2"])
 def test_export_onnx_matches_torch(source: str, tmp_path: Path) -> None:
     model = _model("resnet_bn")
     x = torch.randn(INPUT_SHAPES["resnet_bn"])

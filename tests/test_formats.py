@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 
 from conftest import example_model
 from wssi_audit.cli import app
-from wssi_audit.frontends.torch_support import supports
 
 runner = CliRunner()
 
@@ -119,7 +118,6 @@ def test_pickled_module_is_refused_unless_trusted(tmp_path, monkeypatch):
     assert document["chains"][0]["weights"] == ["a.weight", "b.weight"]
 
 
-@pytest.mark.skipif(not supports("torchscript"), reason="needs torch >= 2.5 (test_torch_versions covers older)")
 def test_torchscript_is_converted_when_an_input_shape_is_given(tmp_path, cnn):
     model, x = cnn
     path = tmp_path / "scripted.pt"

@@ -1,12 +1,12 @@
-"""Every graph form the supported torch releases emit reads as the same structure.
+"""Every graph form torch emits reads as the same structure.
 
-torch 2.4 exports BatchNorm as `_native_batch_norm_legit_no_training` + getitem (later releases:
-`aten.batch_norm`), a saved-and-loaded 2.4 program keeps the unused statistics outputs as extra
-getitem nodes, and core ATen IR (`run_decompositions()`, every release) writes Linear as
+Core ATen IR (`run_decompositions()`, every release) writes BatchNorm as the tuple-returning
+`_native_batch_norm_legit_no_training` + getitem (torch 2.4's plain export did too), keeps the unused
+statistics outputs as extra getitem nodes once saved and loaded, writes Linear as
 addmm(bias, x, permute(W)), max pooling as `max_pool2d_with_indices` + getitem and reshape as
 clone + _unsafe_view. Each form must give the chains, residual blocks and folded BatchNorms that
-symbolic tracing gives, verified by the self-check, on whichever torch runs the suite (CI runs it
-on the oldest supported release and on the newest).
+symbolic tracing gives, verified by the self-check, on whichever torch runs the suite (CI: the
+floor, 2.8.0, and the newest, 2.14.1).
 """
 
 from __future__ import annotations

@@ -227,9 +227,6 @@ def _load_torchscript(archive: VerifiedZip, example_inputs: tuple[Any, ...] | No
             f"{path.name} is a TorchScript archive: give --input-shape so it can be converted "
             "with torch.export, or save the model with torch.export.save (.pt2)"
         )
-    from .frontends.torch_support import require
-
-    require("torchscript", "save the model with torch.export.save (.pt2) instead")
     try:
         from torch._export.converter import TS2EPConverter
 
@@ -296,6 +293,9 @@ def load_model(
 ) -> LoadedModel:
     """Load a model file; raises `InputError` with one clear line on any problem. Nothing in the
     file runs as code (pickles, graph expressions, native libraries) unless `trust_pickle`."""
+    from .frontends.torch_support import require_supported_torch
+
+    require_supported_torch()
     path = Path(path)
     if not path.exists():
         raise InputError(f"no such file: {path}")

@@ -100,9 +100,6 @@ def export_onnx(model: Any, example_inputs: Sequence[Any], path: str | Path, ops
     names = ["input"] if len(example_inputs) == 1 else [f"input_{i}" for i in range(len(example_inputs))]
     options: dict[str, Any] = {"input_names": names, "output_names": ["output"], "opset_version": opset}
     if isinstance(model, torch.export.ExportedProgram):
-        from ..frontends.torch_support import require
-
-        require("onnx_from_program", "export the nn.Module instead (a state dict with --arch)")
         options["dynamo"] = True
     elif isinstance(model, torch.nn.Module):
         model = model.eval()

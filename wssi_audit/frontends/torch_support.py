@@ -1,12 +1,15 @@
-"""What the installed torch can do: the few conversions that older releases within
-pyproject's floor (torch >= 2.4) cannot, each refused up front with one line naming the
-release it needs, instead of a torch traceback or a stray file.
+"""The oldest torch this package runs on, checked before any model file is read.
 
-Measured with this package's tests, each release with the newest onnx / onnxscript that pip
-resolves beside it: converting TorchScript fails on 2.4.1 (works from 2.5.1); exporting a
-torch.export program to ONNX fails on 2.4.1, 2.5.1 and 2.6.0 (works from 2.7.1; 2.4.1 also
-leaves a report_dynamo_export.sarif in the working directory). Nothing else differs: the
-front-ends read every graph form these releases emit.
+pyproject claims torch >= 2.8, the release `make test-oldest` runs the whole suite on (CI runs it
+there and on the newest, 2.14.1). Measured on older releases, each with the newest onnx /
+onnxscript pip resolves beside it: every .pt2 is refused or fails below 2.8 (the archive scan
+reads torch.export.pt2_archive, new in 2.8, and archives saved by 2.7 and older have another
+layout), TorchScript conversion fails on 2.4.1 (works from 2.5.1), and exporting a .pt2 to ONNX
+fails on 2.4.1, 2.5.1 and 2.6.0 (works from 2.7.1). So an older torch, installed despite the
+requirement, gets one line (exit 2) instead of a torch traceback or an internal error.
+
+The front-ends also read the graph forms older releases emit (torch 2.4's tuple-returning
+BatchNorm, core ATen IR on every release): tests/test_frontend_forms.py.
 """
 
 from __future__ import annotations
@@ -17,28 +20,23 @@ import torch
 
 from ..errors import InputError
 
-# feature -> (first torch release where it works, what the user asked for)
-NEEDS: dict[str, tuple[tuple[int, int], str]] = {
-    "torchscript": ((2, 5), "converting a TorchScript archive to a torch.export program"),
-    "onnx_from_program": ((2, 7), "exporting a torch.export program (.pt2) to ONNX"),
-}
+FLOOR = (2, 8)
 
 
-def torch_release(version: str = torch.__version__) -> tuple[int, int]:
-    """'2.4.1+cu121' -> (2, 4)."""
+def torch_release(version: str | None = None) -> tuple[int, int]:
+    """'2.8.0+cu128' -> (2, 8); the installed torch by default."""
+    version = version or torch.__version__
     match = re.match(r"(\d+)\.(\d+)", version)
     if match is None:
         raise ValueError(f"unrecognised torch version '{version}'")
     return int(match.group(1)), int(match.group(2))
 
 
-def supports(feature: str, version: str = torch.__version__) -> bool:
-    return torch_release(version) >= NEEDS[feature][0]
-
-
-def require(feature: str, instead: str, version: str = torch.__version__) -> None:
-    """Raise InputError (exit 2) when the installed torch is older than `feature` needs."""
-    if supports(feature, version):
-        return
-    (major, minor), what = NEEDS[feature]
-    raise InputError(f"{what} needs torch >= {major}.{minor} (installed: {version}); {instead}")
+def require_supported_torch(version: str | None = None) -> None:
+    """Raise InputError (exit 2) when the installed torch is older than the floor."""
+    version = version or torch.__version__
+    if torch_release(version) < FLOOR:
+        major, minor = FLOOR
+        raise InputError(
+            f"wssi-audit needs torch >= {major}.{minor} (installed: {version}): pip install 'torch>={major}.{minor}'"
+        )
