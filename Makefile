@@ -4,10 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch 2.14.1 + torchvision 0.29.1 are the pair that import together here (CPU is fine).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
-# The oldest torch pyproject claims (torch>=2.8), with its torchvision: `make test-oldest` runs the
+# The oldest torch pyproject claims (torch>=2.9), with its torchvision: `make test-oldest` runs the
 # whole suite there too (why not older: wssi_audit/frontends/torch_support.py).
 OLDEST_VENV ?= .venv-oldest
-OLDEST_TORCH_PINS ?= torch==2.8.0 torchvision==0.23.0
+OLDEST_TORCH_PINS ?= torch==2.9.0 torchvision==0.24.0
 
 .PHONY: install demo test test-oldest lint bench clean
 

@@ -6,7 +6,7 @@ statistics outputs as extra getitem nodes once saved and loaded, writes Linear a
 addmm(bias, x, permute(W)), max pooling as `max_pool2d_with_indices` + getitem and reshape as
 clone + _unsafe_view. Each form must give the chains, residual blocks and folded BatchNorms that
 symbolic tracing gives, verified by the self-check, on whichever torch runs the suite (CI: the
-floor, 2.8.0, and the newest, 2.14.1).
+floor, 2.9.0, and the newest, 2.14.1).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The torch releases the package claims (pyproject: torch >= 2.8) are the ones CI tests: the
-whole suite runs on the floor (`make test-oldest`, torch 2.8.0) and on the newest (2.14.1). An
+"""The torch releases the package claims (pyproject: torch >= 2.9) are the ones CI tests: the
+whole suite runs on the floor (`make test-oldest`, torch 2.9.0) and on the newest (2.14.1). An
 older torch gets one line naming the floor, never an internal error.
 """
 
@@ -25,14 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_releases_are_read_from_version_strings() -> None:
     assert torch_release("2.4.1+cu121") == (2, 4)
-    assert torch_release("2.14.1") == (2, 14)  # compared as numbers: 2.14 is newer than 2.8
+    assert torch_release("2.14.1") == (2, 14)  # compared as numbers: 2.14 is newer than 2.9
     assert torch_release("2.10.0a0+git1234") == (2, 10)
 
 
 def test_an_older_torch_gets_one_line_naming_the_floor() -> None:
-    with pytest.raises(InputError, match=r"needs torch >= 2\.8 \(installed: 2\.7\.1\)"):
-        require_supported_torch("2.7.1")
-    require_supported_torch("2.8.0")  # the floor itself is enough
+    with pytest.raises(InputError, match=r"needs torch >= 2\.9 \(installed: 2\.8\.0\)"):
+        require_supported_torch("2.8.0")
+    require_supported_torch("2.9.0")  # the floor itself is enough
     require_supported_torch(torch.__version__)  # and so is the torch running this suite
 
 
@@ -43,7 +43,7 @@ def test_the_cli_refuses_an_older_torch_with_exit_2(tmp_path, monkeypatch) -> No
     monkeypatch.setattr(torch_support.torch, "__version__", "2.4.1")
     result = runner.invoke(app, ["audit", str(path)])
     assert result.exit_code == 2
-    assert "needs torch >= 2.8 (installed: 2.4.1)" in result.output and "Traceback" not in result.output
+    assert "needs torch >= 2.9 (installed: 2.4.1)" in result.output and "Traceback" not in result.output
 
 
 def test_pyproject_floor_is_the_release_ci_tests() -> None:
