@@ -7,17 +7,23 @@ BatchNorm statistics and affine parameters are randomised, so folding is really 
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
+import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
-from wssi_audit import audit
+from wssi_audit import analyze, audit
+from wssi_audit.analysis.weights import effective_weight, shift_layers
 from wssi_audit.models import randomize_batch_norm
 from wssi_audit.report import Report
 
@@ -165,3 +171,145 @@ def test_input_gradient_bound_holds_on_resnet18() -> None:
     for seed in range(3):
         x = example_input(shape, seed)
         assert math.log10(jacobian_spectral_norm(model, x)) <= bound
+
+
+# -- four structures timm builds that once read wrongly (issue 11) -----------------------------
+# The real timm factories, random init, BatchNorm randomised, small inputs; Res2Net and TResNet
+# one block per stage (their factories take `layers`), RepVGG-A0 and LeViT-128S whole.
+TIMM_STRUCTURES = {
+    "res2net50_14w_8s": ({"layers": [1, 1, 1, 1]}, (1, 3, 32, 32)),
+    "repvgg_a0": ({}, (1, 3, 32, 32)),
+    "levit_128s": ({"img_size": 64}, (1, 3, 64, 64)),
+    "tresnet_m": ({"layers": [1, 1, 1, 1]}, (1, 3, 64, 64)),
+}
+
+
+@functools.cache
+def _timm_case(name: str) -> tuple[nn.Module, torch.Tensor, Any]:
+    timm = pytest.importorskip("timm")
+    kwargs, shape = TIMM_STRUCTURES[name]
+    torch.manual_seed(0)
+    model = randomize_batch_norm(timm.create_model(name, pretrained=False, num_classes=10, **kwargs))
+    x = example_input(shape)
+    return model, x, analyze(model, (x,))
+
+
+@functools.cache
+def _float64(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).double().eval()
+
+
+def _shifted_output(model: nn.Module, x: torch.Tensor, overrides: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The real model's float64 output with some state_dict tensors replaced."""
+    with torch.no_grad():
+        return functional_call(_float64(model), overrides, (x.double(),), strict=False)
+
+
+def _relative_change(reference: torch.Tensor, other: torch.Tensor) -> float:
+    return float((other - reference).abs().max() / reference.abs().max())
+
+
+@pytest.mark.parametrize("name", list(TIMM_STRUCTURES))
+def test_every_claimed_chain_holds_under_an_independent_shift(name: str) -> None:
+    """Each chain of 2+ layers: the audit's self-check says verified, and a shift written here
+    (random factors, prod g = 1, via shift_layers) leaves the real model's output unchanged,
+    while the uncompensated first factor alone moves it (the check can fail)."""
+    model, x, analysis = _timm_case(name)
+    assert analysis.report.summary.all_verified is True
+    assert analysis.report.trace.coverage == 1.0
+    reference = _shifted_output(model, x, {})
+    rng = random.Random(0)
+    for chain in analysis.structure.chains:
+        if len(chain.layers) < 2:
+            continue
+        draws = [rng.uniform(-1.0, 1.0) for _ in chain.layers]
+        factors = [d - sum(draws) / len(draws) for d in draws]
+        shifted = shift_layers(chain.layers, factors, analysis.graph.tensors)
+        assert _relative_change(reference, _shifted_output(model, x, shifted)) < 1e-9, chain.weights
+        uncompensated = shift_layers(chain.layers[:1], [1.0], analysis.graph.tensors, log10_output_scale=1.0)
+        assert _relative_change(reference, _shifted_output(model, x, uncompensated)) > 1e-3, chain.weights
+
+
+def test_res2net_chains_run_through_split_and_cat() -> None:
+    """Bottle2neck: conv1 -> split into 8 -> 7 branch convs (added into each other) -> cat -> conv3.
+    The chain is conv1 -> conv3; the branch convs ride on conv1's scale (weights kept, biases
+    scaled); each block is a residual block around that chain. Before: 38 one-layer chains, 0 blocks."""
+    model, x, analysis = _timm_case("res2net50_14w_8s")
+    long = [chain for chain in analysis.structure.chains if len(chain.layers) > 1]
+    assert [[layer.name for layer in chain.layers] for chain in long] == [
+        [f"layer{i}.0.conv1", f"layer{i}.0.conv3"] for i in range(1, 5)
+    ]
+    for chain in long:
+        assert sorted(r.name for r in chain.layers[0].carried) == [
+            f"{chain.layers[0].name[: -len('conv1')]}convs.{k}" for k in range(7)
+        ]
+    report = analysis.report
+    assert Counter(block.shortcut for block in report.residual_blocks) == Counter({"projection": 4})
+    assert all(len(block.branch_weights) == 2 for block in report.residual_blocks)
+    # The control: the same shift without scaling the carried layers' biases breaks the output.
+    chain = long[0]
+    carried, chain.layers[0].carried = chain.layers[0].carried, []
+    try:
+        bare = shift_layers(chain.layers, [1.0, -1.0], analysis.graph.tensors)
+    finally:
+        chain.layers[0].carried = carried
+    assert _relative_change(_shifted_output(model, x, {}), _shifted_output(model, x, bare)) > 1e-3
+
+
+def test_repvgg_parallel_branches_are_not_projection_shortcuts() -> None:
+    """RepVggBlock adds a 3x3 and a 1x1 conv of the same input (and a BatchNorm of it): parallel
+    single layers, neither a shortcut around the other. Before: 22 'projection' blocks."""
+    _, _, analysis = _timm_case("repvgg_a0")
+    blocks = analysis.structure.blocks
+    assert Counter(block.shortcut for block in blocks) == Counter({"parallel": 22})
+    for block in blocks:
+        kernels = sorted(tuple(layer.attrs["kernel_size"]) for layer in (*block.branch.layers, block.projection))
+        assert kernels == [(1, 1), (3, 3)]
+    # The identity branch's BatchNorm reads the block input directly: no weight layer to fold into.
+    assert Counter(b.op for b in analysis.report.barriers) == Counter({"batch_norm": 17})
+
+
+def test_levit_batch_norm_after_linear_and_flatten_is_folded() -> None:
+    """LinearNorm: Linear -> flatten(0, 1) -> BatchNorm1d -> reshape_as: BatchNorm per feature of
+    the Linear, folded. Differential check against timm's own LinearNorm.fuse(). Before: 48 BatchNorms
+    'without a weight layer before it'; now only the heads' pre-Linear BatchNorms are."""
+    timm_levit = pytest.importorskip("timm.models.levit")
+    model, _, analysis = _timm_case("levit_128s")
+    barriers = [b for b in analysis.report.barriers if b.op == "batch_norm"]
+    assert sorted(b.node for b in barriers) == ["head.bn", "head_dist.bn"]
+    layers = {layer.name: layer for layer in analysis.structure.layers}
+    linear_norms = {name: m for name, m in model.named_modules() if isinstance(m, timm_levit.LinearNorm)}
+    assert linear_norms
+    for name, module in linear_norms.items():
+        layer = layers[f"{name}.linear"]
+        assert layer.bn is not None and layer.bn.name == f"{name}.bn"
+        weight, bias = effective_weight(layer, analysis.graph.tensors)
+        fused = module.fuse()
+        assert torch.allclose(weight, fused.weight.double(), rtol=1e-5, atol=1e-7)
+        assert torch.allclose(bias, fused.bias.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_tresnet_blur_filter_is_a_fixed_linear_map() -> None:
+    """BlurPool2d convolves with a fixed (non-persistent buffer) binomial filter: a degree-1 map
+    with a constant weight, not a weight 'computed at run time'; its Lipschitz bound holds."""
+    blur = pytest.importorskip("timm.layers.blur_pool")
+    model, _, analysis = _timm_case("tresnet_m")
+    assert not [b for b in analysis.report.barriers if "run time" in b.reason]
+    fixed = [node for node in analysis.graph.nodes.values() if node.op == "fixed_filter"]
+    pools = [m for m in model.modules() if isinstance(m, blur.BlurPool2d)]
+    assert len(fixed) == len(pools) > 0
+    for node, pool in zip(fixed, pools):
+        assert analysis.structure.statuses[node.name].status.value == "homogeneous"
+        # power iteration on the real map at its traced input size: a lower estimate of the norm
+        shape = analysis.graph.nodes[node.inputs[0]].attrs["out_shape"]
+        vector = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        weight, stride = pool.filt.double(), pool.stride
+
+        def blur(v: torch.Tensor, weight: torch.Tensor = weight, stride: int = stride) -> torch.Tensor:
+            return F.conv2d(v, weight, stride=stride, groups=weight.shape[0])
+
+        for _ in range(20):  # v <- B^T B v
+            vector = vector / vector.norm()
+            image, vector = torch.autograd.functional.vjp(blur, vector, blur(vector))
+        assert float(image.norm()) <= node.attrs["lipschitz"] * (1 + 1e-9)
+        assert float(image.norm()) >= 0.5 * node.attrs["lipschitz"]  # and not vacuous

@@ -175,3 +175,91 @@ def test_normalization_inside_the_model_keeps_the_bound(method):
     assert [b.op for b in report.barriers] == ["add_const"]
     expected = math.log10(4.0 * float(model.first.weight.detach().norm()) * float(model.second.weight.detach().norm()))
     assert report.summary.gradient.log10_frobenius_bound == pytest.approx(expected, rel=1e-6)
+
+
+class LinearFlattenNorm(nn.Module):
+    """LeViT's LinearNorm: Linear on (B, N, C) -> flatten(0, 1) -> BatchNorm1d(C) -> reshape_as."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.second = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x)
+        return self.second(F.relu(self.bn(h.flatten(0, 1)).reshape_as(h)))
+
+
+class ConvFlattenNorm(nn.Module):
+    """conv -> flatten(1) -> BatchNorm1d(C*H*W): a statistic per (channel, position), not per
+    output channel of the conv: no fold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.bn = nn.BatchNorm1d(2 * 4 * 4)
+        self.out = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(F.relu(self.bn(self.conv(x).flatten(1))))
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_batch_norm_after_linear_and_flatten_is_folded_per_feature(method):
+    model = with_bn_statistics(LinearFlattenNorm(), (5, 3, 4))
+    x = torch.randn(5, 3, 4)
+    report = audit(model, (x,), method=method)
+    assert [layer.folded_bn for layer in report.layers] == ["bn", None]
+    assert [c.layers for c in report.chains] == [["first", "second"]]
+    assert report.barriers == [] and report.summary.all_verified is True
+    # the folded norm is the norm of the fused layer, computed here
+    scale = model.bn.weight / torch.sqrt(model.bn.running_var + model.bn.eps)
+    fused = (model.first.weight * scale[:, None]).detach().double()
+    assert report.layers[0].frobenius == pytest.approx(float(fused.norm()), rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_batch_norm_over_flattened_positions_is_not_folded(method):
+    model = with_bn_statistics(ConvFlattenNorm(), (4, 1, 4, 4))
+    report = audit(model, (torch.randn(4, 1, 4, 4),), method=method)
+    assert [layer.folded_bn for layer in report.layers] == [None, None]
+    assert [b.op for b in report.barriers] == ["batch_norm"]
+    assert report.summary.all_verified is True
+
+
+def test_batch_norm_after_views_is_not_folded_without_traced_shapes():
+    """No example input, no shapes: the per-feature condition cannot be checked, so no fold."""
+    report = audit(with_bn_statistics(LinearFlattenNorm(), (5, 3, 4)))
+    assert [layer.folded_bn for layer in report.layers] == [None, None]
+
+
+class Blurred(nn.Module):
+    """A fixed (non-persistent buffer) depthwise filter between two convs, as timm's BlurPool2d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(1, 3, 3, padding=1)
+        coefficients = torch.tensor([1.0, 2.0, 1.0]) / 4
+        self.register_buffer("filt", (coefficients[:, None] * coefficients)[None, None].repeat(3, 1, 1, 1), False)
+        self.second = nn.Conv2d(3, 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.first(x))
+        return self.second(F.conv2d(F.pad(h, [1, 1, 1, 1], mode="reflect"), self.filt, stride=2, groups=3))
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_a_fixed_buffer_weight_is_a_fixed_linear_map_not_a_run_time_weight(method):
+    torch.manual_seed(0)
+    model, x = Blurred(), torch.randn(1, 1, 8, 8)
+    analysis = analyze(model, (x,), method=method)
+    report = analysis.report
+    assert [c.layers for c in report.chains] == [["first", "second"]]
+    assert report.barriers == [] and report.summary.all_verified is True
+    (node,) = [n for n in analysis.graph.nodes.values() if n.op == "fixed_filter"]
+    # the bound it carries holds against the filter's exact operator norm at this size (dense matrix)
+    size = 3 * 10 * 10
+    basis = torch.eye(size, dtype=torch.float64).reshape(size, 3, 10, 10)
+    matrix = F.conv2d(basis, model.filt.double(), stride=2, groups=3).reshape(size, -1)
+    assert float(torch.linalg.matrix_norm(matrix, ord=2)) <= node.attrs["lipschitz"] + 1e-12

@@ -293,6 +293,9 @@ def load_model(
 ) -> LoadedModel:
     """Load a model file; raises `InputError` with one clear line on any problem. Nothing in the
     file runs as code (pickles, graph expressions, native libraries) unless `trust_pickle`."""
+    from .frontends.torch_support import require_supported_torch
+
+    require_supported_torch()
     path = Path(path)
     if not path.exists():
         raise InputError(f"no such file: {path}")

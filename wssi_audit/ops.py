@@ -94,6 +94,30 @@ def _upsample_lipschitz(attrs: dict[str, Any]) -> float | None:
     return math.sqrt(math.prod(float(f) for f in _as_list(factor)))
 
 
+def _pad_lipschitz(attrs: dict[str, Any]) -> float | None:
+    """Zero padding adds zeros (1). Reflect and circular padding by less than the size copy an
+    entry at most 3 times per padded dimension, replicate padding an edge entry 1 + pads times."""
+    mode = attrs.get("mode") or "constant"
+    pads = [int(p) for p in _as_list(attrs.get("pad") or attrs.get("padding") or [])]
+    if mode in ("constant", "zeros"):
+        return 1.0
+    if not pads:
+        return None
+    pairs = [pads[i : i + 2] for i in range(0, len(pads) - 1, 2)]
+    if mode in ("reflect", "circular"):
+        copies = [3 if any(pair) else 1 for pair in pairs]
+    elif mode == "replicate":
+        copies = [1 + sum(pair) for pair in pairs]
+    else:
+        return None
+    return math.sqrt(math.prod(copies))
+
+
+def _vector_norm_lipschitz(attrs: dict[str, Any]) -> float | None:
+    """The l2 norm over some dimensions is 1-Lipschitz; other orders are not bounded here."""
+    return 1.0 if attrs.get("ord", 2) in (2, 2.0) else None
+
+
 def _barrier(reason: str, lipschitz: Lipschitz = None) -> OpSpec:
     return OpSpec(Role.BARRIER, reason, lipschitz)
 
@@ -125,10 +149,15 @@ OP_TABLE: dict[str, OpSpec] = {
     "dropout": OpSpec(Role.HOMOGENEOUS, lipschitz=1.0),
     "identity": OpSpec(Role.HOMOGENEOUS, lipschitz=1.0),
     "neg": OpSpec(Role.HOMOGENEOUS, lipschitz=1.0),
-    "pad": OpSpec(Role.HOMOGENEOUS, lipschitz=1.0),
+    "pad": OpSpec(Role.HOMOGENEOUS, lipschitz=_pad_lipschitz),
+    "permute": OpSpec(Role.HOMOGENEOUS, lipschitz=1.0),  # reorders entries: permute, transpose, roll
+    "vector_norm": OpSpec(Role.HOMOGENEOUS, lipschitz=_vector_norm_lipschitz),  # ||t x|| = t ||x||, t > 0
     "upsample": OpSpec(Role.HOMOGENEOUS, lipschitz=_upsample_lipschitz),
     "scale": OpSpec(Role.HOMOGENEOUS, lipschitz=_scale_lipschitz),
     "scale_param": OpSpec(Role.HOMOGENEOUS, lipschitz=None),
+    # a conv / linear whose weight is a fixed buffer (a blur filter): degree 1, not a shiftable
+    # layer; the front-end bounds its operator norm from the buffer's values
+    "fixed_filter": OpSpec(Role.HOMOGENEOUS, lipschitz=lambda attrs: attrs.get("lipschitz")),
     # joins
     "add": OpSpec(Role.JOIN),
     "sub": OpSpec(Role.JOIN),
@@ -156,9 +185,12 @@ OP_TABLE: dict[str, OpSpec] = {
     "group_norm": _barrier("normalization is degree 0 in its input scale (GroupNorm)"),
     "instance_norm": _barrier("normalization is degree 0 in its input scale (InstanceNorm)"),
     "rms_norm": _barrier("normalization is degree 0 in its input scale (RMSNorm)"),
+    "normalize": _barrier("normalization is degree 0 in its input scale (F.normalize)"),
     "batch_norm_train": _barrier("BatchNorm in training mode is degree 0 in its input scale"),
     "batch_norm_unfoldable": _barrier("BatchNorm without a weight layer before it is an affine offset"),
     "mul": _barrier("product of two activations (gating or attention)"),
+    "addcmul": _barrier("elementwise scale by a tensor plus an offset (addcmul)"),
+    "side_output": _barrier("statistics or indices output of a multi-output op, not its activation"),
     "div": _barrier("division by an activation"),
     "matmul": _barrier("product of two activations (attention)"),
     "attention": _barrier("attention is not positively homogeneous"),

@@ -29,6 +29,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -151,7 +152,9 @@ def scan_pickle(archive: VerifiedZip, name: str, data: bytes | None = None) -> N
     """Unpickle with torch's weights_only unpickler only: anything outside its allow-list is refused."""
     data = archive.read(name) if data is None else data
     try:
-        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch 2.9-2.12 warn about the pickle protocol on stderr
+            warnings.simplefilter("ignore")
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise UnsafeContent(
             shorten(
@@ -200,7 +203,10 @@ def _pt2_layout() -> dict[str, Any]:
         "weights_config": c.WEIGHTS_CONFIG_FILENAME_FORMAT,
         "constants_config": c.CONSTANTS_CONFIG_FILENAME_FORMAT,
         "tensor_prefix": c.TENSOR_CONSTANT_FILENAME_PREFIX,
-        "code_prefixes": (c.CUSTOM_OBJ_FILENAME_PREFIX, c.OPAQUE_OBJ_FILENAME_PREFIX),
+        # opaque objects are new in torch 2.13: older releases write no such member
+        "code_prefixes": tuple(
+            p for p in (c.CUSTOM_OBJ_FILENAME_PREFIX, getattr(c, "OPAQUE_OBJ_FILENAME_PREFIX", None)) if p
+        ),
         "extra_dir": c.EXTRA_DIR,
         "code_dirs": (c.AOTINDUCTOR_DIR,),
     }

@@ -5,6 +5,7 @@ Everything here reads the internal `Graph` only; no front-end knowledge.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,11 @@ class WeightLayer:
     attrs: dict[str, Any]
     bn: FoldedBatchNorm | None = None
     out: str = ""  # node whose output is the layer's output (the folded BN when there is one)
+    # Weight layers between this one and the next layer of its chain, on parallel paths that
+    # split from and rejoin into the chain (Res2Net's branch convs between conv1 and conv3): their
+    # input and output carry this layer's cumulative shift factor c, so under a shift their weight
+    # stays and their bias (folded BatchNorm included) scales by c. Each is a one-layer chain too.
+    carried: list[WeightLayer] = field(default_factory=list)
 
 
 @dataclass
@@ -60,8 +66,10 @@ class ResidualBlock:
     add_node: str
     fork: str
     branch: Chain
-    shortcut: str  # "identity" | "projection"
-    projection: WeightLayer | None
+    # "identity" | "projection": a shortcut around the branch; "parallel": the add joins two
+    # single weight layers reading the same input (RepVGG's 3x3 + 1x1), neither a shortcut
+    shortcut: str
+    projection: WeightLayer | None  # the other weight layer for "projection" and "parallel"
     shortcut_ops: list[str] = field(default_factory=list)
 
 
@@ -134,13 +142,14 @@ def classify_nodes(
         else:
             statuses[node.name] = NodeStatus(Status.STRUCTURAL)
 
-    # Fold eval-mode BatchNorm into the weight layer that alone feeds it.
+    # Fold eval-mode BatchNorm into the weight layer that alone feeds it, directly or through
+    # views that keep its features as BatchNorm's channels (LeViT: Linear -> flatten -> BatchNorm1d).
     for node in graph.nodes.values():
         if node.op != "batch_norm" or len(node.inputs) != 1:
             continue
-        producer = layers.get(node.inputs[0])
+        producer = _producer_through_views(graph, consumers, layers, node)
         needed = ("weight", "bias", "running_mean", "running_var")
-        if producer is None or consumers[producer.node] != [node.name]:
+        if producer is None:
             continue
         if not all(role in node.params for role in needed) or any(uses[node.params[r]] > 1 for r in needed):
             statuses[node.name] = NodeStatus(Status.BARRIER, "BatchNorm without affine parameters or with shared ones")
@@ -157,6 +166,42 @@ def classify_nodes(
         producer.out = node.name
         statuses[node.name] = NodeStatus(Status.WEIGHT, f"folded into {producer.name}")
     return statuses, layers
+
+
+# Views that keep the row-major order of the entries (a permutation does not).
+_ORDER_PRESERVING_VIEWS = ("flatten", "reshape")
+
+
+def _producer_through_views(
+    graph: Graph, consumers: dict[str, list[str]], layers: dict[str, WeightLayer], bn: Node
+) -> WeightLayer | None:
+    """The weight layer whose output alone reaches `bn`, directly or through order-preserving
+    views after which BatchNorm's channel axis (dim 1) is exactly the layer's feature axis."""
+    current, reader = bn.inputs[0], bn.name
+    while current not in layers:
+        node = graph.nodes[current]
+        if node.op not in _ORDER_PRESERVING_VIEWS or len(node.inputs) != 1 or consumers[current] != [reader]:
+            return None
+        current, reader = node.inputs[0], current
+    producer = layers[current]
+    if consumers[producer.node] != [reader]:
+        return None
+    if reader != bn.name and not _features_are_channels(graph, producer, graph.nodes[bn.inputs[0]]):
+        return None
+    return producer
+
+
+def _features_are_channels(graph: Graph, layer: WeightLayer, bn_input: Node) -> bool:
+    """In row-major order, an entry's feature index in the layer's output (last axis for Linear,
+    axis 1 for a convolution) equals its channel index in BatchNorm's input (axis 1) exactly when
+    both have the same feature count and the same number of entries after that axis."""
+    produced = graph.nodes[layer.node].attrs.get("out_shape")
+    seen = bn_input.attrs.get("out_shape")
+    if not produced or not seen or len(seen) < 2:
+        return False
+    axis = len(produced) - 1 if layer.op == "linear" else 1
+    inner = math.prod(produced[axis + 1 :])
+    return produced[axis] == seen[1] and math.prod(seen[2:]) == inner
 
 
 def _is_unary_homogeneous(node: Node) -> bool:
@@ -202,6 +247,7 @@ def find_structure(graph: Graph) -> Structure:
         if nxt is not None:
             successor[layer.node] = nxt
             has_predecessor.add(nxt.node)
+    _link_through_regions(graph, consumers, statuses, layers, successor, has_predecessor)
 
     chains: list[Chain] = []
     for layer in layers.values():  # graph order, so chain ids follow the forward pass
@@ -225,6 +271,92 @@ def find_structure(graph: Graph) -> Structure:
                 blocks.append(block)
                 break
     return Structure(statuses, list(layers.values()), chains, blocks, consumers)
+
+
+def _link_through_regions(
+    graph: Graph,
+    consumers: dict[str, list[str]],
+    statuses: dict[str, NodeStatus],
+    layers: dict[str, WeightLayer],
+    successor: dict[str, WeightLayer],
+    has_predecessor: set[str],
+) -> None:
+    """Chain links through split / add / cat regions (Res2Net), carrying the parallel layers.
+
+    Layers are tried last to first, so that a block's own chain (conv1 -> conv3) is found before
+    the layer feeding the block could take the block's layers as carried ones: a layer already
+    in a chain of 2+ is never carried.
+    """
+    order = {name: index for index, name in enumerate(graph.nodes)}
+    carried: set[str] = set()
+
+    def free(layer: WeightLayer) -> bool:
+        return layer.node not in successor and layer.node not in has_predecessor and layer.node not in carried
+
+    for layer in reversed(list(layers.values())):
+        if layer.node in successor or layer.node in carried:
+            continue
+        found = _region_exit(graph, consumers, statuses, layers, order, layer, free)
+        if found is None:
+            continue
+        nxt, riders = found
+        successor[layer.node] = nxt
+        has_predecessor.add(nxt.node)
+        layer.carried = riders
+        carried.update(rider.node for rider in riders)
+
+
+def _region_exit(
+    graph: Graph,
+    consumers: dict[str, list[str]],
+    statuses: dict[str, NodeStatus],
+    layers: dict[str, WeightLayer],
+    order: dict[str, int],
+    layer: WeightLayer,
+    free: Any,
+) -> tuple[WeightLayer, list[WeightLayer]] | None:
+    """The next chain layer after `layer` through a region of degree-1 ops, splits and joins, and
+    the weight layers on its parallel paths; None unless every path from `layer`'s output meets
+    again in one weight layer, nothing else reads the region, and every join reads the region only
+    (so that all its inputs carry the same scale)."""
+    inside = {layer.out}
+    pending = set(consumers[layer.out])
+    riders: list[WeightLayer] = []
+    while pending:
+        if len(pending) == 1 and next(iter(pending)) in layers:
+            nxt = layers[next(iter(pending))]
+            return (nxt, riders) if free(nxt) else None
+        name = min(pending, key=order.__getitem__)
+        pending.discard(name)
+        node = graph.nodes[name]
+        if any(source not in inside for source in node.inputs):
+            return None  # reads an activation from outside the region
+        if name in layers:  # a weight layer while other paths are open: carried along
+            rider = layers[name]
+            if not free(rider):
+                return None
+            inside.update(_layer_nodes(graph, rider))
+            riders.append(rider)
+            outputs = consumers[rider.out]
+        else:
+            spec = spec_of(node.op)
+            if spec is None or statuses[name].status is not Status.HOMOGENEOUS:
+                return None
+            if spec.role is not Role.JOIN and len(node.inputs) != 1:
+                return None
+            inside.add(name)
+            outputs = consumers[name]
+        pending.update(reader for reader in outputs if reader not in inside)
+    return None
+
+
+def _layer_nodes(graph: Graph, layer: WeightLayer) -> list[str]:
+    """The weight node, its folded BatchNorm and any views between them."""
+    names, current = [layer.out], layer.out
+    while current != layer.node:
+        current = graph.nodes[current].inputs[0]
+        names.append(current)
+    return names
 
 
 def _fork_of(graph: Graph, consumers: dict[str, list[str]], layer: WeightLayer) -> str:
@@ -261,4 +393,5 @@ def _match_block(
         return None
     if _fork_of(graph, consumers, projection) != fork:
         return None
-    return ResidualBlock(0, add.name, fork, chain, "projection", projection, shortcut_ops)
+    kind = "parallel" if len(chain.layers) == 1 else "projection"
+    return ResidualBlock(0, add.name, fork, chain, kind, projection, shortcut_ops)

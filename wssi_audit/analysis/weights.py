@@ -62,7 +62,9 @@ def shift_layers(
 
     `log10_factors` must sum to zero (prod g_l = 1); the cumulative factor of the last layer
     is set to exactly 1. Folded layers are shifted through their BatchNorm's gamma and beta,
-    so the real module computes the shifted effective map. Returns state_dict key -> float64
+    so the real module computes the shifted effective map. Layers a layer carries
+    (`WeightLayer.carried`: parallel layers before the next one) keep their weight and scale
+    their bias by that layer's cumulative factor. Returns state_dict key -> float64
     tensor (cast before writing into a model).
 
     For a chain whose input is already scaled by 10^in and whose output must come out scaled
@@ -76,6 +78,9 @@ def shift_layers(
         cumulative += log_g
         g = 10.0**log_g
         c = 10.0**log10_output_scale if index == len(layers) - 1 else 10.0**cumulative
+        for rider in layer.carried:  # weight unchanged, input and output both scaled by this c
+            scale = {"log10_input_scale": cumulative, "log10_output_scale": cumulative}
+            overrides.update(shift_layers([rider], [0.0], tensors, **scale))
         if layer.bn is None:
             overrides[layer.weight] = tensors[layer.weight].double() * g
             if layer.bias:

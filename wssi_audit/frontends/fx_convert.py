@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import builtins
 import numbers
+import operator
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from ..ir import Node
+from ..ops import overlap_factor
 from .fx_tables import (
+    ATEN_PAD_MODES,
     ATEN_TABLE,
     BATCH_NORM_ARGS,
     FUNCTION_TABLE,
     METHOD_TABLE,
     MODULE_TABLE,
+    NO_RESULT,
+    PAD_MODES,
+    PASS_THROUGH,
     POSITIONAL_ARGS,
+    PRIMARY_OUTPUT,
+    QUALNAME_TABLE,
+    SHAPE_OF_OTHER,
 )
 
 _PARAM_ROLES = {
@@ -49,6 +58,9 @@ _ATTR_NAMES = (
     "scale_factor",
     "mode",
     "transposed",
+    "ord",
+    "pad",
+    "value",
 )
 _MODULE_ATTRS = {
     "stride": "stride",
@@ -64,6 +76,7 @@ _MODULE_ATTRS = {
     "alpha": "alpha",
     "scale_factor": "scale_factor",
     "mode": "mode",
+    "value": "value",
 }
 
 
@@ -113,17 +126,38 @@ class FxConverter:
         param_of: dict[str, str],
         tensor_nodes: set[str] | None,
         leaf_reasons: dict[str, str] | None = None,
+        fixed: Mapping[str, torch.Tensor] | None = None,
+        shapes: Mapping[str, list[int]] | None = None,
     ) -> None:
         self.root = root
         self.param_of = dict(param_of)  # fx node name -> state_dict key
         self.tensor_nodes = tensor_nodes  # fx nodes known to carry tensors (None: infer)
         self.leaf_reasons = leaf_reasons or {}
+        self.fixed = fixed or {}  # buffers and constants (not trainable) by key, e.g. a blur filter
+        self.shapes = shapes or {}  # fx node name -> traced output shape, when known
         self.nodes: dict[str, Node] = {}
         self.activations: set[str] = set()
+        # fx node -> the node whose activation it is (read-through ops, an op's main output); a
+        # runner computes such an fx node as part of that node (`absorbed`)
+        self.alias: dict[str, str] = {}
+        # fx node -> state_dict key of the 2-d parameter it is the transpose of (core ATen's linear)
+        self.transposed_param: dict[str, str] = {}
 
     # -- helpers ---------------------------------------------------------------------
+    def _activation(self, value: Any) -> str | None:
+        """The graph node carrying `value`'s activation, or None when it carries none."""
+        if not isinstance(value, fx.Node):
+            return None
+        name = self.alias.get(value.name, value.name)
+        return name if name in self.activations else None
+
     def _is_activation(self, value: Any) -> bool:
-        return isinstance(value, fx.Node) and value.name in self.activations
+        return self._activation(value) is not None
+
+    @property
+    def absorbed(self) -> dict[str, str]:
+        """fx nodes that are no graph node of their own -> the graph node they are part of."""
+        return dict(self.alias)
 
     def _param_key(self, value: Any) -> str | None:
         if isinstance(value, fx.Node):
@@ -183,7 +217,7 @@ class FxConverter:
             op = FUNCTION_TABLE.get(target)
         except TypeError:  # unhashable target
             op = None
-        return op or source, source, scope
+        return op or QUALNAME_TABLE.get(source) or source, source, scope
 
     def _module_params_attrs(self, op: str, fx_node: fx.Node) -> tuple[dict[str, str], dict[str, Any]]:
         module = self.root.get_submodule(fx_node.target)
@@ -197,6 +231,8 @@ class FxConverter:
             attrs["affine"] = module.weight is not None
         if isinstance(module, nn.Flatten):
             attrs = {}
+        if op == "pad":
+            attrs["mode"] = next((mode for kind, mode in PAD_MODES if isinstance(module, kind)), "constant")
         if op in ("dropout",):
             attrs = {"p": getattr(module, "p", 0.0)}
         return params, attrs
@@ -215,6 +251,13 @@ class FxConverter:
                 key = self._param_key(named.get(role))
                 if key is not None:
                     params[role] = key
+        if op in ("conv", "conv_transpose", "linear") and params.get("weight") in self.fixed and "bias" not in params:
+            # A weight that is a buffer, not a parameter (TResNet's blur filter): a fixed linear map
+            # of degree 1, like a pooling, with its operator norm bounded here from its values.
+            attrs["lipschitz"] = fixed_operator_bound(op, self.fixed[params["weight"]], attrs)
+            op, params = "fixed_filter", {}
+        if op == "pad" and _aten_packet(fx_node.target) in ATEN_PAD_MODES:
+            attrs["mode"] = ATEN_PAD_MODES[_aten_packet(fx_node.target)]
         if op == "max_pool" or op == "avg_pool":
             if not attrs.get("stride"):
                 attrs["stride"] = attrs.get("kernel_size")
@@ -279,25 +322,38 @@ class FxConverter:
                 self.param_of[name] = fx_node.target
             return
         if fx_node.op == "output":
-            inputs = [a.name for a in _flatten_args(fx_node.args) if self._is_activation(a)]
+            inputs = [a for a in map(self._activation, _flatten_args(fx_node.args)) if a is not None]
             self._add(Node(name, "output", inputs=inputs, source="output"), activation=False)
             return
+        if self._read_through(fx_node):
+            return
+        self._note_transposed_param(fx_node)
 
         op, source, scope = self._classify(fx_node)
         params: dict[str, str] = {}
         attrs: dict[str, Any] = {}
         fx_inputs = _flatten_args(list(fx_node.args) + list(fx_node.kwargs.values()))
+        if _method_or_packet(fx_node) in SHAPE_OF_OTHER:
+            fx_inputs = fx_inputs[:1]
         if fx_node.op == "call_module" and op != "opaque_module" and self.root is not None:
             params, attrs = self._module_params_attrs(op, fx_node)
         elif op.startswith("@") and op[1:] in ("add", "sub", "mul", "div"):
             op, params, attrs = self._resolve_arith(op[1:], fx_node)
+        elif op in ("@addmm", "@mm"):
+            op, params, fx_inputs = self._resolve_matrix_product(op[1:], fx_node)
+        elif op == "@addcmul":
+            op, params, attrs = self._resolve_addcmul(fx_node)
         elif op == "@getitem" or op == "@getattr":
             op = "slice" if self._is_activation(fx_node.args[0]) else "shape"
+            if op == "slice" and _aten_packet(getattr(fx_node.args[0], "target", None)) in PRIMARY_OUTPUT:
+                op = "side_output"  # a used statistics / indices output (the main one is aliased)
         elif fx_node.op == "call_function":
             op, params, attrs = self._function_params_attrs(op, fx_node)
         if op == "batch_norm" and attrs.get("training"):
             op = "batch_norm_train"
-        inputs = [a.name for a in fx_inputs if self._is_activation(a)]
+        if op == "pad" and (attrs.get("mode") or "constant") == "constant" and float(attrs.get("value") or 0.0) != 0.0:
+            op = "add_const"  # padding with a non-zero constant adds an offset at the border
+        inputs = [a for a in map(self._activation, fx_inputs) if a is not None]
         if op not in ("add", "sub", "mul", "matmul", "cat"):
             inputs = list(dict.fromkeys(inputs))
         if op == "shape" or not inputs:
@@ -308,8 +364,103 @@ class FxConverter:
         if op in ("max_pool", "avg_pool"):
             attrs = _expand_pool_attrs(attrs, source)
         is_tensor = self.tensor_nodes is None or name in self.tensor_nodes
+        if name in self.shapes:
+            attrs["out_shape"] = list(self.shapes[name])
         node = Node(name, op, inputs=inputs, params=params, attrs=_plain(attrs), source=source, scope=scope)
         self._add(node, activation=is_tensor)
+
+    def _read_through(self, fx_node: fx.Node) -> bool:
+        """Nodes that are no operation of their own: an op's main output taken from its tuple
+        (torch 2.4's BatchNorm, core ATen's max pooling), value-preserving copies, unused
+        statistics outputs, run-time checks. True when `fx_node` is handled (aliased or dropped)."""
+        if fx_node.op != "call_function":
+            return False
+        packet = _aten_packet(fx_node.target)
+        if packet in NO_RESULT:
+            return True
+        if packet in PASS_THROUGH:
+            source = self._activation(fx_node.args[0]) if fx_node.args else None
+            if source is not None:
+                self.alias[fx_node.name] = source
+                return True
+            return False
+        if fx_node.target is not operator.getitem or not isinstance(fx_node.args[0], fx.Node):
+            return False
+        producer, index = fx_node.args[0], fx_node.args[1]
+        primary = PRIMARY_OUTPUT.get(_aten_packet(producer.target) or "")
+        if primary is None or self._activation(producer) is None:
+            return False
+        if index == primary:
+            self.alias[fx_node.name] = self._activation(producer)
+            return True
+        return not fx_node.users  # an unused statistics / indices output; a used one stays a node
+
+    def _note_transposed_param(self, fx_node: fx.Node) -> None:
+        """Core ATen writes Linear as addmm(bias, x, permute(weight)): remember the transposes."""
+        packet = _aten_packet(fx_node.target) if fx_node.op == "call_function" else None
+        if packet not in ("t", "permute", "transpose", "numpy_T") or not fx_node.args:
+            return
+        key = self._param_key(fx_node.args[0])
+        if key is None or _rank(fx_node.args[0], self.root, key) != 2:
+            return
+        if packet == "permute" and [int(d) % 2 for d in fx_node.args[1]] != [1, 0]:
+            return
+        if packet == "transpose" and int(fx_node.args[1]) % 2 == int(fx_node.args[2]) % 2:
+            return
+        self.transposed_param[fx_node.name] = key
+
+    def _resolve_matrix_product(self, kind: str, fx_node: fx.Node) -> tuple[str, dict[str, str], list[Any]]:
+        """addmm(bias, x, W^T) and mm(x, W^T) with W a parameter are a Linear layer; any other
+        matrix product is a product of activations."""
+        named = dict(zip(("input", "mat1", "mat2") if kind == "addmm" else ("mat1", "mat2"), fx_node.args))
+        named.update(fx_node.kwargs)
+        weight = self.transposed_param.get(getattr(named.get("mat2"), "name", ""))
+        bias = self._param_key(named.get("input")) if kind == "addmm" else None
+        unit = all(float(named.get(k, 1)) == 1.0 for k in ("beta", "alpha"))
+        if weight is None or not self._is_activation(named.get("mat1")) or not unit:
+            return "matmul", {}, [named.get("input"), named.get("mat1"), named.get("mat2")]
+        if kind == "addmm" and bias is None:
+            return "matmul", {}, [named.get("input"), named.get("mat1"), named.get("mat2")]
+        params = {"weight": weight, **({"bias": bias} if bias else {})}
+        return "linear", params, [named["mat1"]]
+
+    def _resolve_addcmul(self, fx_node: fx.Node) -> tuple[str, dict[str, str], dict[str, Any]]:
+        """addcmul(input, t1, t2, value) = input + value * t1 * t2: a product of activations when
+        two operands are activations, else an elementwise scale plus an offset."""
+        named = ("tensor1", "tensor2")
+        operands = list(fx_node.args[:3]) + [fx_node.kwargs[k] for k in named if k in fx_node.kwargs]
+        if sum(self._is_activation(a) for a in operands) >= 2:
+            return "mul", {}, {}
+        if self._is_activation(operands[0]):
+            return "add_const", {}, {}
+        return "addcmul", {}, {}
+
+
+def fixed_operator_bound(op: str, weight: torch.Tensor, attrs: dict[str, Any]) -> float:
+    """An upper bound on the l2 operator norm of a linear map with a fixed weight: the spectral
+    norm for a matrix; for a (transposed, grouped) convolution the largest group's Frobenius norm
+    times the overlap factor (a grouped convolution is block diagonal over its groups)."""
+    weight = weight.detach().double()
+    if op == "linear":
+        return float(torch.linalg.matrix_norm(weight, ord=2))
+    groups = int(attrs.get("groups") or 1)
+    per_group = max(float(block.norm()) for block in weight.chunk(groups, dim=0))
+    return per_group * overlap_factor(list(weight.shape[2:]), attrs.get("stride") or 1, attrs.get("dilation") or 1)
+
+
+def _method_or_packet(fx_node: fx.Node) -> str | None:
+    if fx_node.op == "call_method":
+        return str(fx_node.target)
+    return _aten_packet(fx_node.target) if fx_node.op == "call_function" else None
+
+
+def _rank(value: fx.Node, root: nn.Module | None, key: str) -> int | None:
+    """Number of dimensions of a parameter node, from its traced value or the module."""
+    traced = value.meta.get("val")
+    if isinstance(traced, torch.Tensor):
+        return traced.dim()
+    tensor = _resolve_attr(root, key) if root is not None else None
+    return tensor.dim() if isinstance(tensor, torch.Tensor) else None
 
 
 def _expand_pool_attrs(attrs: dict[str, Any], source: str) -> dict[str, Any]:

@@ -71,14 +71,34 @@ def _copy(value: Any) -> Any:
 class FxRunner(Runner):
     """Runner over a GraphModule whose fx node names are the internal graph's node names."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], dtype: torch.dtype = torch.float64) -> None:
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        example_inputs: Sequence[Any],
+        dtype: torch.dtype = torch.float64,
+        absorbed: Mapping[str, str] | None = None,
+    ) -> None:
         self._source = gm
+        # fx nodes the internal graph reads through (torch 2.4's BatchNorm getitem, a clone) ->
+        # the internal node they belong to: a segment holding that node computes them too
+        self._absorbed = dict(absorbed or {})
         self._original_inputs = tuple(example_inputs)
         self._inputs = self._original_inputs
         self.dtype = dtype
         self._module: _Evaluate | None = None
         self._output = next(node.name for node in gm.graph.nodes if node.op == "output")
         self._by_name = {node.name: node for node in gm.graph.nodes}
+        # fx nodes computed from parameters and constants alone (core ATen's permute(weight) of a
+        # Linear): a segment recomputes them, so that a shifted weight reaches the segment
+        self._from_parameters: set[str] = set()
+        for node in gm.graph.nodes:
+            sources = node.all_input_nodes
+            if (
+                node.op == "call_function"
+                and sources
+                and all(s.op == "get_attr" or s.name in self._from_parameters for s in sources)
+            ):
+                self._from_parameters.add(node.name)
         self._keys: set[str] | None = None
         self._proven = False  # a first run succeeded in `dtype`
 
@@ -127,14 +147,21 @@ class FxRunner(Runner):
     def _closure(self, nodes: Collection[str]) -> tuple[set[str], set[str]]:
         """fx nodes to evaluate for a segment (it, plus the parameters and placeholders it reads),
         and the computed values it reads from outside (the boundary)."""
+        unknown = [name for name in nodes if name not in self._by_name]
+        if unknown:  # e.g. an op inlined from an autocast block: not a node of the module that runs
+            raise KeyError(f"segment nodes not in the traced module: {', '.join(sorted(unknown)[:5])}")
         needed, given = set(nodes), set()
-        stack = [self._by_name[name] for name in nodes if name in self._by_name]
+        stack = [self._by_name[name] for name in nodes]
         while stack:
             node = stack.pop()
             for source in node.all_input_nodes:
                 if source.name in needed or source.name in given:
                     continue
-                if source.op in ("get_attr", "placeholder"):
+                if (
+                    source.op in ("get_attr", "placeholder")
+                    or source.name in self._from_parameters
+                    or self._absorbed.get(source.name) in nodes
+                ):
                     needed.add(source.name)
                     stack.append(source)
                 else:

@@ -52,6 +52,15 @@ MODULE_TABLE: list[tuple[type[nn.Module], str]] = [
     (nn.ZeroPad1d, "pad"),
     (nn.ZeroPad2d, "pad"),
     (nn.ZeroPad3d, "pad"),
+    (nn.ConstantPad1d, "pad"),
+    (nn.ConstantPad2d, "pad"),
+    (nn.ConstantPad3d, "pad"),
+    (nn.ReflectionPad1d, "pad"),
+    (nn.ReflectionPad2d, "pad"),
+    (nn.ReflectionPad3d, "pad"),
+    (nn.ReplicationPad1d, "pad"),
+    (nn.ReplicationPad2d, "pad"),
+    (nn.ReplicationPad3d, "pad"),
     (nn.Upsample, "upsample"),
     (nn.BatchNorm1d, "batch_norm"),
     (nn.BatchNorm2d, "batch_norm"),
@@ -110,16 +119,26 @@ FUNCTION_TABLE: dict[Callable[..., Any], str] = {
     F.adaptive_max_pool3d: "adaptive_max_pool",
     torch.flatten: "flatten",
     torch.reshape: "reshape",
-    torch.permute: "reshape",
-    torch.transpose: "reshape",
+    torch.permute: "permute",
+    torch.transpose: "permute",
     torch.squeeze: "reshape",
     torch.unsqueeze: "reshape",
     torch.mean: "mean",
     torch.sum: "sum",
     torch.cat: "cat",
     torch.concat: "cat",
+    torch.stack: "cat",  # stack(xs, d) = cat([x.unsqueeze(d) for x in xs], d): the same join
     torch.chunk: "split",
     torch.split: "split",
+    torch.unbind: "split",
+    torch.roll: "permute",
+    torch.swapaxes: "permute",
+    torch.swapdims: "permute",
+    torch.movedim: "permute",
+    torch.ones_like: "shape",  # reads only its argument's shape
+    torch.zeros_like: "shape",
+    torch.full_like: "shape",
+    torch.empty_like: "shape",
     F.dropout: "dropout",
     F.dropout1d: "dropout",
     F.dropout2d: "dropout",
@@ -150,10 +169,14 @@ FUNCTION_TABLE: dict[Callable[..., Any], str] = {
     F.log_softmax: "log_softmax",
     torch.matmul: "matmul",
     operator.matmul: "matmul",
+    torch.mm: "@mm",
+    torch.addmm: "@addmm",
+    torch.addcmul: "@addcmul",
     torch.bmm: "matmul",
     torch.einsum: "matmul",
     F.scaled_dot_product_attention: "attention",
     F.embedding: "embedding",
+    F.normalize: "normalize",
     torch.exp: "pointwise",
     torch.log: "pointwise",
     torch.sqrt: "pointwise",
@@ -176,14 +199,24 @@ FUNCTION_TABLE: dict[Callable[..., Any], str] = {
 if hasattr(F, "rms_norm"):
     FUNCTION_TABLE[F.rms_norm] = "rms_norm"
 
+# Functions of optional libraries, by qualified name (importing them here would make them required).
+QUALNAME_TABLE: dict[str, str] = {
+    # identity in eval; in training a random per-sample 0 or 1/(1-p) factor, degree 1 all the same
+    "torchvision.ops.stochastic_depth.stochastic_depth": "dropout",
+}
+
+# Methods (by name) and ATen packets that read their second tensor argument for its shape or
+# dtype only: x.expand_as(y) is an activation of x alone.
+SHAPE_OF_OTHER = frozenset({"expand_as", "reshape_as", "view_as", "type_as"})
+
 METHOD_TABLE: dict[str, str] = {
     "relu": "relu",
     "relu_": "relu",
     "view": "reshape",
     "reshape": "reshape",
     "flatten": "flatten",
-    "permute": "reshape",
-    "transpose": "reshape",
+    "permute": "permute",
+    "transpose": "permute",
     "squeeze": "reshape",
     "unsqueeze": "reshape",
     "contiguous": "identity",
@@ -198,6 +231,17 @@ METHOD_TABLE: dict[str, str] = {
     "sum": "sum",
     "chunk": "split",
     "split": "split",
+    "unbind": "split",
+    "reshape_as": "reshape",
+    "view_as": "reshape",
+    "swapaxes": "permute",
+    "swapdims": "permute",
+    "movedim": "permute",
+    "roll": "permute",
+    "new_zeros": "shape",
+    "new_ones": "shape",
+    "new_full": "shape",
+    "new_empty": "shape",
     "softmax": "softmax",
     "log_softmax": "log_softmax",
     "sigmoid": "sigmoid",
@@ -207,6 +251,9 @@ METHOD_TABLE: dict[str, str] = {
     "sqrt": "pointwise",
     "clamp": "clamp",
     "matmul": "matmul",
+    "mm": "@mm",
+    "addmm": "@addmm",
+    "addcmul": "@addcmul",
     "neg": "neg",
     "add": "@add",
     "add_": "@add",
@@ -254,9 +301,10 @@ ATEN_TABLE: dict[str, str] = {
     "view": "reshape",
     "_unsafe_view": "reshape",
     "reshape": "reshape",
-    "permute": "reshape",
-    "transpose": "reshape",
-    "t": "reshape",
+    "permute": "permute",
+    "transpose": "permute",
+    "t": "permute",
+    "numpy_T": "permute",
     "squeeze": "reshape",
     "unsqueeze": "reshape",
     "contiguous": "identity",
@@ -267,6 +315,22 @@ ATEN_TABLE: dict[str, str] = {
     "to": "identity",
     "lift_fresh_copy": "identity",
     "expand": "expand",
+    "expand_as": "expand",
+    "reshape_as": "reshape",
+    "view_as": "reshape",
+    "swapaxes": "permute",
+    "swapdims": "permute",
+    "movedim": "permute",
+    "roll": "permute",
+    "ones_like": "shape",
+    "zeros_like": "shape",
+    "full_like": "shape",
+    "empty_like": "shape",
+    "new_zeros": "shape",
+    "new_ones": "shape",
+    "new_full": "shape",
+    "new_empty": "shape",
+    "linalg_vector_norm": "vector_norm",
     "mean": "mean",
     "sum": "sum",
     "amax": "max_reduce",
@@ -279,11 +343,20 @@ ATEN_TABLE: dict[str, str] = {
     "unbind": "split",
     "cat": "cat",
     "concat": "cat",
+    "stack": "cat",
     "dropout": "dropout",
+    "dropout_": "dropout",
     "native_dropout": "dropout",
     "feature_dropout": "dropout",
+    "feature_dropout_": "dropout",
     "constant_pad_nd": "pad",
     "pad": "pad",
+    "reflection_pad1d": "pad",
+    "reflection_pad2d": "pad",
+    "reflection_pad3d": "pad",
+    "replication_pad1d": "pad",
+    "replication_pad2d": "pad",
+    "replication_pad3d": "pad",
     "upsample_nearest2d": "upsample",
     "upsample_bilinear2d": "upsample",
     "batch_norm": "batch_norm",
@@ -322,7 +395,9 @@ ATEN_TABLE: dict[str, str] = {
     "_log_softmax": "log_softmax",
     "matmul": "matmul",
     "bmm": "matmul",
-    "mm": "matmul",
+    "mm": "@mm",
+    "addmm": "@addmm",
+    "addcmul": "@addcmul",
     "einsum": "matmul",
     "scaled_dot_product_attention": "attention",
     "embedding": "embedding",
@@ -345,6 +420,61 @@ ATEN_TABLE: dict[str, str] = {
     "sym_numel": "shape",
     "sym_stride": "shape",
 }
+
+# Padding modes (ops.py's "pad" row bounds each mode's Lipschitz constant), by module type and ATen packet.
+PAD_MODES: list[tuple[type[nn.Module], str]] = [
+    (nn.ReflectionPad1d, "reflect"),
+    (nn.ReflectionPad2d, "reflect"),
+    (nn.ReflectionPad3d, "reflect"),
+    (nn.ReplicationPad1d, "replicate"),
+    (nn.ReplicationPad2d, "replicate"),
+    (nn.ReplicationPad3d, "replicate"),
+]
+ATEN_PAD_MODES: dict[str, str] = {
+    "reflection_pad1d": "reflect",
+    "reflection_pad2d": "reflect",
+    "reflection_pad3d": "reflect",
+    "replication_pad1d": "replicate",
+    "replication_pad2d": "replicate",
+    "replication_pad3d": "replicate",
+}
+
+# Multi-output ATen ops (tuple results, read with getitem) -> the index of the activation output.
+# The others are statistics (BatchNorm's saved mean and inverse std, empty in eval), indices
+# (max pooling) or masks (dropout): torch 2.4 emits BatchNorm this way, core ATen IR every version.
+PRIMARY_OUTPUT: dict[str, int] = {
+    "_native_batch_norm_legit_no_training": 0,
+    "_native_batch_norm_legit": 0,
+    "_native_batch_norm_legit_functional": 0,
+    "native_batch_norm": 0,
+    "cudnn_batch_norm": 0,
+    "miopen_batch_norm": 0,
+    "max_pool2d_with_indices": 0,
+    "max_pool3d_with_indices": 0,
+    "adaptive_max_pool2d": 0,
+    "adaptive_max_pool3d": 0,
+    "native_dropout": 0,
+    "native_layer_norm": 0,
+    "native_group_norm": 0,
+}
+# ATen ops whose result is their input, value for value (copies and aliases): the graph reads
+# through them, so `reshape` decomposed as clone + _unsafe_view (torch 2.4) is one node, as later.
+PASS_THROUGH = frozenset({"clone", "contiguous", "alias", "detach", "lift_fresh_copy"})
+# ATen ops without a result (run-time checks export inserts): not operations on activations.
+NO_RESULT = frozenset(
+    {
+        "_assert_tensor_metadata",
+        "_assert_async",
+        "_assert_scalar",
+        "_functional_assert_async",
+        "_functional_assert_scalar",
+        "sym_constrain_range",
+        "sym_constrain_range_for_size",
+    }
+)
+# Higher-order ops that run a subgraph (an fx GraphModule argument) on the remaining arguments
+# under a context (autocast, grad mode): the analysis reads the subgraph in their place.
+SUBGRAPH_OPS = frozenset({"wrap_with_autocast", "wrap_with_set_grad_enabled"})
 
 # Positional argument names for targets whose signature torch cannot normalize for us.
 POSITIONAL_ARGS: dict[str, list[str]] = {

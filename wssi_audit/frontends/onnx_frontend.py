@@ -40,7 +40,7 @@ ONNX_TABLE: dict[str, str] = {
     "GlobalMaxPool": "adaptive_max_pool",
     "Flatten": "flatten",
     "Reshape": "reshape",
-    "Transpose": "reshape",
+    "Transpose": "permute",
     "Squeeze": "reshape",
     "Unsqueeze": "reshape",
     "Concat": "cat",

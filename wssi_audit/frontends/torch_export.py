@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ..ir import Graph
 from .fx_convert import FxConverter
 from .fx_runner import FxRunner
+from .fx_tables import SUBGRAPH_OPS
 
 
 def export_module(module: nn.Module, example_inputs: Sequence[Any]) -> torch.export.ExportedProgram:
@@ -40,6 +42,60 @@ def example_inputs_of(program: torch.export.ExportedProgram, seed: int = 0) -> t
     return tuple(inputs)
 
 
+def _subgraph_call(node: fx.Node, owner: nn.Module) -> tuple[fx.GraphModule, list[Any]] | None:
+    """(body, operands) when `node` runs a subgraph under a context (autocast, grad mode)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+        return None
+    if node.target.name() not in SUBGRAPH_OPS:
+        return None
+    for index, arg in enumerate(node.args):
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            body = getattr(owner, str(arg.target), None)
+            if isinstance(body, fx.GraphModule):
+                return body, list(node.args[index + 1 :])
+    return None
+
+
+def inline_subgraphs(graph_module: fx.GraphModule) -> fx.Graph:
+    """The program's graph with every context-wrapped subgraph copied in place of its call.
+
+    torch.export writes a `with torch.autocast(...)` or `torch.no_grad()` block of forward as a
+    higher-order op whose body is a GraphModule; the ops inside are ordinary ops to analyse.
+    """
+    if not any(_subgraph_call(node, graph_module) for node in graph_module.graph.nodes):
+        return graph_module.graph
+    flat = fx.Graph()
+    flat.output(_copy_inlined(graph_module.graph, graph_module, flat, {}))
+    return flat
+
+
+def _copy_inlined(graph: fx.Graph, owner: nn.Module, into: fx.Graph, env: dict[fx.Node, Any]) -> Any:
+    """Copy `graph`'s nodes into `into` (env: original node -> copy), inlining subgraph calls;
+    returns the copied output value."""
+    for node in graph.nodes:
+        if node in env:
+            continue
+        if node.op == "output":
+            return fx.node.map_arg(node.args[0], lambda n: env[n])
+        call = _subgraph_call(node, owner)
+        if call is not None:
+            body, operands = call
+            placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+            inner = {ph: fx.node.map_arg(arg, lambda n: env[n]) for ph, arg in zip(placeholders, operands)}
+            result = _copy_inlined(body.graph, body, into, inner)
+            env[node] = tuple(result) if isinstance(result, (list, tuple)) else (result,)
+            continue
+        if node.op == "get_attr" and isinstance(getattr(owner, str(node.target), None), fx.GraphModule):
+            env[node] = None  # a subgraph reference, used only by the calls inlined above
+            continue
+        producer = node.args[0] if node.op == "call_function" and node.args else None
+        if node.target is operator.getitem and isinstance(env.get(producer), tuple):
+            env[node] = env[producer][node.args[1]]
+            continue
+        env[node] = into.node_copy(node, lambda n: env[n])
+    return None
+
+
 def trace_export(
     program: torch.export.ExportedProgram, example_inputs: Sequence[Any] | None, method: str = "export"
 ) -> Graph:
@@ -47,16 +103,26 @@ def trace_export(
     param_of = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
     constants = getattr(signature, "inputs_to_lifted_tensor_constants", {}) or {}
     param_of.update(constants)
-    tensor_nodes = set()
-    for node in program.graph.nodes:
-        leaves, _ = torch.utils._pytree.tree_flatten(node.meta.get("val"))
+    graph = inline_subgraphs(program.graph_module)
+    tensor_nodes, shapes = set(), {}
+    for node in graph.nodes:
+        value = node.meta.get("val")
+        leaves, _ = torch.utils._pytree.tree_flatten(value)
         if any(isinstance(leaf, torch.Tensor) for leaf in leaves):
             tensor_nodes.add(node.name)
-    converter = FxConverter(None, param_of, tensor_nodes)
-    nodes = converter.convert(program.graph)
+        if isinstance(value, torch.Tensor) and all(isinstance(d, int) for d in value.shape):
+            shapes[node.name] = list(value.shape)
     tensors: dict[str, torch.Tensor] = {k: v.detach() for k, v in program.state_dict.items()}
     for key, value in getattr(program, "constants", {}).items():
         if isinstance(value, torch.Tensor):
             tensors[key] = value.detach()
-    runner = FxRunner(program.module(), example_inputs) if example_inputs is not None else None
+    # Buffers and constants are fixed, not trained (a blur filter); a program converted from
+    # TorchScript lifts its parameters as buffers, so there nothing is known to be fixed.
+    fixed_keys = set(signature.inputs_to_buffers.values()) | set(constants.values())
+    fixed = {k: tensors[k] for k in fixed_keys if k in tensors} if signature.inputs_to_parameters else {}
+    converter = FxConverter(None, param_of, tensor_nodes, fixed=fixed, shapes=shapes)
+    nodes = converter.convert(graph)
+    runner = None
+    if example_inputs is not None:
+        runner = FxRunner(program.module(), example_inputs, absorbed=converter.absorbed)
     return Graph(nodes, tensors, method, [], runner)

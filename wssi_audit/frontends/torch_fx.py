@@ -52,8 +52,10 @@ def find_untraceable(module: nn.Module, prefix: str = "") -> dict[str, str]:
     return found
 
 
-def _tensor_nodes_by_running(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> set[str]:
-    """Run the traced module once and note which nodes produce tensors.
+def _tensor_nodes_by_running(
+    gm: fx.GraphModule, example_inputs: Sequence[Any]
+) -> tuple[set[str], dict[str, list[int]]]:
+    """Run the traced module once and note which nodes produce tensors, and their shapes.
 
     The run uses fake tensors (shapes only, no arithmetic): a real ResNet-50 forward at 224x224
     costs more than the rest of the analysis. A model that fake tensors cannot run (e.g. one that
@@ -62,6 +64,7 @@ def _tensor_nodes_by_running(gm: fx.GraphModule, example_inputs: Sequence[Any]) 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     tensor_nodes: set[str] = set()
+    shapes: dict[str, list[int]] = {}
 
     class Recorder(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
@@ -69,6 +72,8 @@ def _tensor_nodes_by_running(gm: fx.GraphModule, example_inputs: Sequence[Any]) 
             leaves, _ = torch.utils._pytree.tree_flatten(result)
             if any(isinstance(leaf, torch.Tensor) for leaf in leaves):
                 tensor_nodes.add(n.name)
+            if isinstance(result, torch.Tensor):
+                shapes[n.name] = [int(d) for d in result.shape]
             return result
 
     try:
@@ -76,12 +81,13 @@ def _tensor_nodes_by_running(gm: fx.GraphModule, example_inputs: Sequence[Any]) 
         fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
         with torch.no_grad(), mode:
             Recorder(gm).run(*fake_inputs)
-        return tensor_nodes
+        return tensor_nodes, shapes
     except Exception:
         tensor_nodes.clear()
+        shapes.clear()
     with torch.no_grad():
         Recorder(gm).run(*example_inputs)
-    return tensor_nodes
+    return tensor_nodes, shapes
 
 
 def trace_fx(module: nn.Module, example_inputs: Sequence[Any] | None = None) -> Graph:
@@ -101,13 +107,14 @@ def trace_fx(module: nn.Module, example_inputs: Sequence[Any] | None = None) -> 
             gm = _trace(module, set(leaves))
         except Exception:
             raise root_error from None
-    tensor_nodes = None
+    tensor_nodes, shapes = None, {}
     if example_inputs is not None:
         try:
-            tensor_nodes = _tensor_nodes_by_running(gm, example_inputs)
+            tensor_nodes, shapes = _tensor_nodes_by_running(gm, example_inputs)
         except Exception:
-            tensor_nodes = None
-    converter = FxConverter(module, {}, tensor_nodes, leaf_reasons=leaves)
+            tensor_nodes, shapes = None, {}
+    fixed = dict(module.named_buffers())  # buffers (persistent or not) are fixed, not trained
+    converter = FxConverter(module, {}, tensor_nodes, leaf_reasons=leaves, fixed=fixed, shapes=shapes)
     nodes = converter.convert(gm.graph)
     unanalyzed = [
         Unanalyzed(path, f"untraceable submodule, analysed as a black box ({reason})")
