@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from wssi_audit.analysis.conv_geometry import conv_axes
+from wssi_audit.analysis.conv_plans import KINDS
 from wssi_audit.analysis.operator_norms import (
-    KINDS,
     LayerSpec,
     NormBound,
     conv_operator_norm,

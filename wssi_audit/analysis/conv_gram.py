@@ -132,24 +132,23 @@ def gram_blocks(weight: torch.Tensor, axes: Sequence[Axis], exact: Sequence[bool
     frequencies = unique_frequencies([periods[i] for i in circulant])
     key_block, key_lag = keys // lags, keys % lags
     lag_digits = _digits(key_lag, [p.period for p in pairs])
-    blocks_used = torch.unique(key_block)
+    blocks_used, key_slot = torch.unique(key_block, return_inverse=True)
+    flat = sums.permute(1, 0, 2, 3).reshape(len(keys), -1)  # (K, g * C * C)
     if circulant:
-        angle = torch.zeros(len(frequencies), len(keys), dtype=torch.float64)
-        for position, axis in enumerate(circulant):
-            r = torch.tensor([f[position] for f in frequencies], dtype=torch.float64)
-            angle += (2 * math.pi / periods[axis]) * r.view(-1, 1) * lag_digits[axis].double().view(1, -1)
-        phase = torch.polar(torch.ones_like(angle), angle)  # (F, K)
-        combined = torch.zeros(groups, len(frequencies), len(blocks_used), size, size, dtype=torch.complex128)
-        flat = sums.permute(1, 0, 2, 3).reshape(len(keys), -1)
-        for j, b in enumerate(blocks_used.tolist()):
-            members = (key_block == b).nonzero().view(-1)
-            chosen = phase[:, members]
-            part = torch.complex(chosen.real @ flat[members], chosen.imag @ flat[members])
-            combined[:, :, j] = part.view(len(frequencies), groups, size, size).transpose(0, 1)
+        combined = torch.empty(len(frequencies), len(blocks_used), flat.shape[1], dtype=torch.complex128)
+        r = torch.tensor(frequencies, dtype=torch.float64).view(len(frequencies), -1)  # (F, circulant axes)
+        steps = torch.tensor([2 * math.pi / periods[axis] for axis in circulant], dtype=torch.float64)
+        lags_of_keys = torch.stack([lag_digits[axis] for axis in circulant], dim=1).double()  # (K, circulant axes)
+        for slot in range(len(blocks_used)):  # one block's keys: a phase factor per frequency each
+            members = (key_slot == slot).nonzero().view(-1)
+            angle = (r * steps) @ lags_of_keys[members].T  # (F, members)
+            phase = torch.polar(torch.ones_like(angle), angle)
+            combined[:, slot] = torch.complex(phase.real @ flat[members], phase.imag @ flat[members])
     else:
-        combined = torch.zeros(groups, 1, len(blocks_used), size, size, dtype=torch.float64)
-        for j, b in enumerate(blocks_used.tolist()):
-            combined[:, 0, j] = sums[:, key_block == b].sum(1)
+        one_hot = torch.zeros(len(blocks_used), len(keys), dtype=torch.float64)
+        one_hot[key_slot, torch.arange(len(keys))] = 1.0
+        combined = (one_hot @ flat).unsqueeze(0)
+    combined = combined.view(len(frequencies), len(blocks_used), groups, size, size).permute(2, 0, 1, 3, 4)
     patterns = _block_patterns(pairs, blocks_used)
     spatial = patterns.shape[-1]
     if spatial == 1 and len(blocks_used) == 1:

@@ -1,10 +1,13 @@
 """A lower estimate of a convolution's operator norm: ||A z|| / ||z|| for an explicit input z.
 
 Axes kept exact carry any vector; along the other axes z is a plane wave at a chosen frequency
-under a flat or a sine window (the shape of a Toeplitz matrix's top singular vectors). For a
-fixed wave the best z over channels and exact positions is the top eigenvector of a small
-Hermitian matrix, which a block Krylov method reaches through products with A^T A (or A A^T)
-computed from the taps, never formed: sum_{t,t'} pattern_{t,t'} (x) W_t^T W_t'.
+under a flat or a sine window (the shape of a Toeplitz matrix's top singular vectors). Then
+A z = K u for a small operator K = sum_t V_t (x) kron_axes G_axis[t] acting on the free part u
+(channels, exact positions, input phases): G is the tap's 0/1 read matrix on an exact axis, and
+the wave as each output reads it on a windowed axis. The best u is the top right singular
+vector of K N^(-1/2) (N: the squared norms of the waves), which a block Krylov method reaches
+through products with K and K^H, never forming them. On the output side the same is done for
+A^T and a windowed output.
 """
 
 from __future__ import annotations
@@ -16,14 +19,22 @@ from collections.abc import Sequence
 import torch
 
 from .conv_geometry import Axis
-from .conv_gram import exact_pattern
 from .psd_bound import block_krylov
+
+# Longest window along one axis: a wave this long is within a few percent of the best one on
+# longer axes, and the estimate's cost grows with the window's length.
+WINDOW = 24
 
 
 def _windows(count: int) -> torch.Tensor:
-    """(2, count): a flat window and a sine window."""
-    position = torch.arange(count, dtype=torch.float64)
-    return torch.stack([torch.ones(count, dtype=torch.float64), torch.sin(math.pi * (position + 1) / (count + 1))])
+    """(2, count): a flat and a sine window over the middle min(count, WINDOW) positions, 0 elsewhere."""
+    length = min(count, WINDOW)
+    first = (count - length) // 2
+    position = torch.arange(length, dtype=torch.float64)
+    windows = torch.zeros(2, count, dtype=torch.float64)
+    windows[0, first : first + length] = 1.0
+    windows[1, first : first + length] = torch.sin(math.pi * (position + 1) / (length + 1))
+    return windows
 
 
 def _sources(axis: Axis) -> torch.Tensor:
@@ -32,14 +43,15 @@ def _sources(axis: Axis) -> torch.Tensor:
     return torch.tensor([[-1 if i is None else i for i in row] for row in rows], dtype=torch.long)
 
 
-def window_pattern(axis: Axis, omega: float, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """((2, taps, taps, a, a), (2, a)): the Gram pattern of A along this axis on a windowed plane
-    wave, and the squared norm of the wave per input phase (input side) or in all (output side).
+def window_matrices(axis: Axis, omega: float, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """((2, taps, rows, cols), (2, cols)) for a flat and a sine window: how each output (input
+    side) or input (output side) of this axis sees the windowed plane wave, and the wave's
+    squared norm per free coordinate.
 
-    Input side, phases phi of the stride s: z_phi(i) = [i = phi mod s] w(i) exp(i omega floor(i/s)),
-    pattern[t, t', phi, phi'] = sum_j conj(z_phi(src(j, t))) z_phi'(src(j, t')).
-    Output side: y(j) = w(j) exp(i omega j), Y_t(i) = sum over j with src(j, t) = i of y(j),
-    pattern[t, t'] = sum_i conj(Y_t(i)) Y_t'(i).
+    Input side, phases phi of the stride s: z_phi(i) = [i = phi mod s] w(i) exp(i omega floor(i/s));
+    G[t, j, phi] = z_phi(src(j, t)) (rows: outputs, cols: phases).
+    Output side: y(j) = w(j) exp(i omega j); G[t, i, 0] = sum over j with src(j, t) = i of y(j)
+    (rows: inputs, one col).
     """
     k, s, m, n = len(axis.taps), axis.stride, axis.outputs, axis.size
     sources = _sources(axis)
@@ -49,127 +61,141 @@ def window_pattern(axis: Axis, omega: float, side: str) -> tuple[torch.Tensor, t
         phase = torch.polar(torch.ones(n, dtype=torch.float64), omega * (position // s).double())
         waves = _windows(n).to(torch.complex128) * phase
         read = torch.where(valid, sources, 0)
-        values = waves[:, read] * valid
-        z = torch.zeros(2, k, s, m, dtype=torch.complex128)
-        z.scatter_(2, (read % s).view(1, k, 1, m).expand(2, k, 1, m), values.unsqueeze(2))
-        pattern = torch.einsum("wtpj,wuqj->wtupq", z.conj(), z)
+        values = waves[:, read] * valid  # (2, k, m)
+        matrices = torch.zeros(2, k, m, s, dtype=torch.complex128)
+        matrices.scatter_(3, (read % s).view(1, k, m, 1).expand(2, k, m, 1), values.unsqueeze(3))
         norms = torch.zeros(2, s, dtype=torch.float64)
         norms.index_add_(1, position % s, waves.abs().square())
-        return pattern, norms
+        return _live_rows(matrices), norms
     outputs = torch.arange(m)
     waves = _windows(m).to(torch.complex128) * torch.polar(torch.ones(m, dtype=torch.float64), omega * outputs.double())
-    y = torch.zeros(2, k, n, dtype=torch.complex128)
+    matrices = torch.zeros(2, k, n, 1, dtype=torch.complex128)
     for t in range(k):
         keep = valid[t]
-        y[:, t].index_add_(1, sources[t][keep], waves[:, keep])
-    pattern = torch.einsum("wti,wui->wtu", y.conj(), y).view(2, k, k, 1, 1)
-    return pattern, waves.abs().square().sum(1, keepdim=True)
+        matrices[:, t, :, 0].index_add_(1, sources[t][keep], waves[:, keep])
+    return _live_rows(matrices), waves.abs().square().sum(1, keepdim=True)
 
 
-def _kron(
-    per_axis: list[torch.Tensor], norms: list[torch.Tensor], picks: list[list[int]]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per combination of per-axis choices: (T, T, S, S) patterns and (S,) squared norms."""
-    count = len(picks[0]) if picks else 1
-    pattern = torch.ones(count, 1, 1, 1, 1, dtype=torch.complex128)
-    weight = torch.ones(count, 1, dtype=torch.float64)
-    for axis_pattern, axis_norm, pick in zip(per_axis, norms, picks):
-        chosen, chosen_norm = axis_pattern[pick].to(torch.complex128), axis_norm[pick]
-        x, _, a, _ = pattern.shape[1:]
-        k, _, c, _ = chosen.shape[1:]
-        pattern = torch.einsum("fxyAB,ftuab->fxtyuAaBb", pattern, chosen).reshape(count, x * k, x * k, a * c, a * c)
-        weight = torch.einsum("fa,fb->fab", weight, chosen_norm).reshape(count, -1)
-    return pattern, weight
+def _live_rows(matrices: torch.Tensor) -> torch.Tensor:
+    """Without the rows the wave never reaches: they add nothing to ||A z||."""
+    live = matrices.abs().amax(dim=(0, 1, 3)) > 0
+    return matrices[:, :, live] if bool(live.any()) else matrices[:, :, :1]
+
+
+def exact_matrices(axis: Axis, side: str) -> torch.Tensor:
+    """(taps, rows, cols): B_t (input side) or B_t^T (output side)."""
+    b = axis.tap_matrices()
+    return b if side == "input" else b.transpose(1, 2)
 
 
 def _symbol(weight: torch.Tensor, axes: Sequence[Axis], omegas: torch.Tensor) -> torch.Tensor:
     """(candidates, out, S * in): the polyphase symbol sum_t W_t exp(i omega . q_t) e_phi_t^T,
     columns ordered (phase, channel) as the Gram blocks order them."""
     out, inp = weight.shape[:2]
-    taps = weight.reshape(out, inp, -1)
-    count = omegas.shape[0]
+    taps = weight.reshape(out * inp, -1).T  # (T, out * in)
     spatial = math.prod(a.stride for a in axes)
-    symbol = torch.zeros(count, out, spatial, inp, dtype=torch.complex128)
-    grids = itertools.product(*(range(len(a.taps)) for a in axes))
+    grids = list(itertools.product(*(range(len(a.taps)) for a in axes)))
+    angle = torch.zeros(omegas.shape[0], spatial, len(grids), dtype=torch.float64)
+    mask = torch.zeros(spatial, len(grids), dtype=torch.float64)
     for flat, index in enumerate(grids):
-        phase, angle = 0, torch.zeros(count, dtype=torch.float64)
+        phase, total = 0, torch.zeros(omegas.shape[0], dtype=torch.float64)
         for position, (axis, t) in enumerate(zip(axes, index)):
             q, phi = axis.phases()[t]
             phase = phase * axis.stride + phi
-            angle = angle + omegas[:, position] * q
-        symbol[:, :, phase] += torch.polar(torch.ones_like(angle), angle).view(-1, 1, 1) * taps[:, :, flat]
-    return symbol.reshape(count, out, spatial * inp)
+            total = total + omegas[:, position] * q
+        angle[:, phase, flat] = total
+        mask[phase, flat] = 1.0
+    coefficients = torch.polar(mask.expand_as(angle), angle).reshape(-1, len(grids))  # (F * S, T)
+    symbol = torch.complex(coefficients.real @ taps, coefficients.imag @ taps)
+    symbol = symbol.view(omegas.shape[0], spatial, out, inp).permute(0, 2, 1, 3)
+    return symbol.reshape(omegas.shape[0], out, spatial * inp)
 
 
 def _screen(weight: torch.Tensor, axes: Sequence[Axis], candidates: Sequence[Sequence[float]], side: str
             ) -> tuple[Sequence[float], torch.Tensor]:  # fmt: skip
     """The candidate frequency whose symbol has the largest norm (a few power steps) and that
     symbol's top singular vector on the given side: the infinite-size version of the problem."""
-    symbol = _symbol(weight, axes, torch.tensor(candidates, dtype=torch.float64))
-    gram = symbol.mH @ symbol if side == "input" else symbol @ symbol.mH
-    vector = torch.ones(gram.shape[0], gram.shape[1], 1, dtype=torch.complex128)
-    for _ in range(4):
-        vector = gram @ vector
-        vector = vector / vector.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    quotients = (vector.conj() * (gram @ vector)).sum(dim=(1, 2)).real
+    symbol = _symbol(weight, axes, torch.tensor(candidates, dtype=torch.float64))  # M: (F, out, S * in)
+    if side == "input":  # power steps on M^H M, through M and M^H (never conjugating M itself)
+        vector = torch.ones(symbol.shape[0], symbol.shape[2], 1, dtype=torch.complex128)
+        for _ in range(4):
+            vector = ((symbol @ vector).mH @ symbol).mH
+            vector = vector / vector.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        quotients = (symbol @ vector).abs().square().sum(dim=(1, 2))
+    else:  # power steps on M M^H
+        vector = torch.ones(symbol.shape[0], symbol.shape[1], 1, dtype=torch.complex128)
+        for _ in range(4):
+            vector = symbol @ (vector.mH @ symbol).mH
+            vector = vector / vector.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        quotients = (vector.mH @ symbol).abs().square().sum(dim=(1, 2))
     best = int(quotients.argmax())
     return candidates[best], vector[best, :, 0]
 
 
 def lower_estimate(weight: torch.Tensor, axes: Sequence[Axis], exact: Sequence[bool],
                    candidates: Sequence[Sequence[float]], side: str, start: torch.Tensor | None = None,
-                   passes: int = 6) -> float:  # fmt: skip
+                   passes: int = 4) -> float:  # fmt: skip
     """max over windows of ||A z|| / ||z|| for a weight (out, in, *taps) of one group, at the
     candidate frequency (one per non-exact axis) whose symbol is largest."""
     if len(candidates) > 1 and not any(exact):
         best, start = _screen(weight, axes, candidates, side)
         candidates = [best]
-    elif len(candidates) > 1:
-        candidates = [candidates[0]]
-    per_axis, norms, choices = [], [], []
+    frequency = list(candidates[0])
+    count = 1 if all(exact) else 2  # flat and sine windows, one shape on all windowed axes at once
+    matrices, norms = [], []
     for axis, keep in zip(axes, exact):
         if keep:
-            pattern = exact_pattern(axis, side).unsqueeze(0)
-            per_axis.append([pattern])
-            norms.append([torch.ones(1, pattern.shape[-1], dtype=torch.float64)])
-            choices.append([0])
+            matrix = exact_matrices(axis, side).to(torch.complex128)
+            matrices.append(matrix.unsqueeze(0).expand(count, *matrix.shape).contiguous())
+            norms.append(torch.ones(count, matrix.shape[-1], dtype=torch.float64))
         else:
-            per_axis.append([])
-            norms.append([])
-            choices.append([0, 1])
-    # One window shape for all non-exact axes at once: flat everywhere, or sine everywhere.
-    windowed = [i for i, keep in enumerate(exact) if not keep]
-    patterns, weights = [], []
-    for candidate in candidates:
-        axis_patterns, axis_norms, slot = [], [], 0
-        for index, keep in enumerate(exact):
-            if keep:
-                axis_patterns.append(per_axis[index][0])
-                axis_norms.append(norms[index][0])
-            else:
-                pattern, norm = window_pattern(axes[index], candidate[slot], side)
-                slot += 1
-                axis_patterns.append(pattern)
-                axis_norms.append(norm)
-        combos = [tuple(w if i in windowed else 0 for i in range(len(axes))) for w in (0, 1)] if windowed else [()]
-        combos = combos if windowed else [tuple(0 for _ in axes)]
-        picks = [[c[i] for c in combos] for i in range(len(axes))]
-        pattern, weight_ = _kron(axis_patterns, axis_norms, picks)
-        patterns.append(pattern)
-        weights.append(weight_)
-    pattern, norm = torch.cat(patterns), torch.cat(weights)
-    taps = weight.reshape(weight.shape[0], weight.shape[1], -1).permute(2, 0, 1).to(torch.complex128)  # (T, out, in)
-    if side == "output":
-        taps = taps.transpose(1, 2)  # (T, in, out): now the input-side formulas apply
-    inverse = torch.where(norm > 0, norm.clamp_min(1e-300).rsqrt(), torch.zeros_like(norm))  # (B, S)
-    count, spatial, channels = pattern.shape[0], pattern.shape[-1], taps.shape[2]
+            matrix, norm = window_matrices(axis, frequency.pop(0), side)
+            matrices.append(matrix[:count])
+            norms.append(norm[:count])
+    norm = torch.ones(count, 1, dtype=torch.float64)
+    for axis_norm in norms:
+        norm = torch.einsum("fa,fb->fab", norm, axis_norm).reshape(count, -1)
+    inverse = torch.where(norm > 0, norm.clamp_min(1e-300).rsqrt(), torch.zeros_like(norm))  # (count, S)
+    # taps[u..., o, c]: V_t = W_t (input side) or W_t^T (output side); c runs over the free side.
+    # Real, so the complex vectors go through as (real, imaginary) pairs: half the work.
+    taps = weight.movedim((0, 1), (-2, -1)) if side == "input" else weight.movedim((1, 0), (-2, -1))
+    taps = taps.contiguous()
+    cols = [m.shape[-1] for m in matrices]
+    spatial, channels, rank = math.prod(cols), taps.shape[-1], len(axes)
+    tap, col, row = "abcde"[:rank], "fghij"[:rank], "pqrst"[:rank]
+
+    tap_shape = list(taps.shape[:rank])
+    flat_taps = taps.reshape(-1, channels)  # (T * other, C)
+    other = taps.shape[rank]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:  # (count, *cols, C, b) -> (count, *rows, other, b)
+        pairs = torch.view_as_real(x).movedim(rank + 1, 0)  # (C, count, *cols, b, 2)
+        y = (flat_taps @ pairs.reshape(channels, -1)).view(*tap_shape, other, *pairs.shape[1:])
+        y = torch.view_as_complex(y.movedim(rank + 1, 0).movedim(rank + 1, 2 * rank + 1).contiguous())
+        letters = list(tap + col)  # y: (count, *taps, *cols, other, b)
+        for i in range(rank):  # axis i: sum over its tap and column, leave its row
+            before = "".join(letters)
+            letters[i], letters[rank + i] = "", row[i]
+            y = torch.einsum(f"z{tap[i]}{row[i]}{col[i]},z{before}yw->z{''.join(letters)}yw", matrices[i], y)
+        return y
+
+    def backward(y: torch.Tensor) -> torch.Tensor:  # the adjoint of forward
+        letters = ["" for _ in range(rank)] + list(row)
+        for i in reversed(range(rank)):
+            before = "".join(letters)
+            letters[i], letters[rank + i] = tap[i], col[i]
+            y = torch.einsum(f"z{tap[i]}{row[i]}{col[i]},z{before}yw->z{''.join(letters)}yw", matrices[i].conj(), y)
+        pairs = torch.view_as_real(y)  # (count, *taps, *cols, other, b, 2)
+        pairs = pairs.movedim(1 + 2 * rank, 1 + rank).movedim(0, rank + 1)  # (*taps, other, count, *cols, b, 2)
+        out = flat_taps.T @ pairs.reshape(flat_taps.shape[0], -1)  # (C, count * cols * b * 2)
+        out = out.view(channels, count, *cols, -1, 2).movedim(0, rank + 1)
+        return torch.view_as_complex(out.contiguous())
 
     def apply(block: torch.Tensor) -> torch.Tensor:
         x = block.view(count, spatial, channels, -1) * inverse.view(count, spatial, 1, 1)
-        images = torch.einsum("uoc,nscb->nusob", taps, x)
-        mixed = torch.einsum("ntuas,nusob->ntaob", pattern, images)
-        out = torch.einsum("toc,ntaob->nacb", taps.conj(), mixed)
-        return (out * inverse.view(count, spatial, 1, 1)).reshape(count, spatial * channels, -1)
+        x = backward(forward(x.view(count, *cols, channels, -1)))
+        x = x.reshape(count, spatial, channels, -1) * inverse.view(count, spatial, 1, 1)
+        return x.reshape(count, spatial * channels, -1)
 
     generator = torch.Generator().manual_seed(1)
     width = min(spatial * channels, 2)

@@ -33,13 +33,16 @@ import torch
 
 from ..errors import InputError
 from .conv_geometry import Axis, conv_axes
-from .conv_gram import gram_blocks, unique_frequencies
+from .conv_gram import gram_blocks
 from .conv_lower import lower_estimate
-from .psd_bound import UNIT_ROUNDOFF, certified_top_eigenvalue
+from .conv_plans import Folded, Plan, Problem, allocate, choose_plan, fold
+from .deflated_bound import deflated_norm_bound
+from .psd_bound import UNIT_ROUNDOFF, certified_top_eigenvalue, one_thread
 
-# Rough float64 operations a layer may spend on making its axes exact; beyond it, axes are
-# embedded in circulants (still proven upper bounds, looser at small sizes).
+# Rough float64 operations one layer (DEFAULT_BUDGET) or a whole model (DEFAULT_MODEL_BUDGET)
+# may spend; beyond it, cheaper plans (still proven upper bounds, looser) are used.
 DEFAULT_BUDGET = 2e9
+DEFAULT_MODEL_BUDGET = 3e10
 
 
 @dataclass(frozen=True)
@@ -64,152 +67,10 @@ class LayerSpec:
     padding_mode: str = "zeros"
 
 
-@dataclass
-class _Problem:
-    weight: torch.Tensor  # (groups, out, in, *kept taps per axis), float64
-    axes: tuple[Axis, ...]  # the axes left after single-tap axes are factored out
-    factor: float  # exact norm factor of the factored-out single-tap axes
-
-
-# How each spatial axis is treated. "exact": its positions stay in the matrix. "circulant": the
-# axis is embedded in a ring (conv_gram). "overlap": its taps become input channels and the axis
-# disappears; ||A|| <= sqrt(most (output, tap) pairs reading one input) * ||the folded conv||.
-KINDS = ("exact", "circulant", "overlap")
-
-
-@dataclass(frozen=True)
-class _Plan:
-    kinds: tuple[str, ...]  # per axis of the problem
-    cost: float  # rough float64 operations
-    looseness: float  # a ranking, not a bound: rough log10 of how much the plan overshoots
-
-    @property
-    def method(self) -> str:
-        if all(k == "exact" for k in self.kinds):
-            return "exact"
-        parts = []
-        for kind in KINDS:
-            axes = [str(i) for i, k in enumerate(self.kinds) if k == kind]
-            if axes:
-                parts.append(f"{kind} axis {','.join(axes)}")
-        return " + ".join(parts)
-
-
-@dataclass
-class _Folded:
-    """The problem a plan certifies: overlap axes folded into the input channels, and axes
-    without a ring (reflect/replicate padding) replaced by a convolution of the padded input."""
-
-    weight: torch.Tensor
-    axes: tuple[Axis, ...]
-    exact: tuple[bool, ...]
-    periods: tuple[int, ...]
-    factor: float  # sqrt(overlap) of folded axes times the padding maps' norms
-    side: str
-
-
-def _overlap(axis: Axis) -> int:
-    """Most (output, tap) pairs that read one input position of this axis."""
-    return int(axis.tap_matrices().sum(dim=(0, 1)).max())
-
-
-def _fold(problem: _Problem, kinds: Sequence[str]) -> _Folded:
-    weight, factor = problem.weight, 1.0
-    folded = [i for i, k in enumerate(kinds) if k == "overlap"]
-    kept = [i for i, k in enumerate(kinds) if k != "overlap"]
-    if folded:
-        groups, out, inp = weight.shape[:3]
-        order = [0, 1, 2, *(3 + i for i in folded), *(3 + i for i in kept)]
-        weight = weight.permute(order)
-        kept_taps = [weight.shape[3 + len(folded) + j] for j in range(len(kept))]
-        weight = weight.reshape(groups, out, -1, *kept_taps)
-        factor *= math.sqrt(math.prod(_overlap(problem.axes[i]) for i in folded))
-    axes, exact, periods = [], [], []
-    for i in kept:
-        axis = problem.axes[i]
-        if kinds[i] == "exact":
-            axes.append(axis)
-            exact.append(True)
-            periods.append(1)
-            continue
-        if axis.circulant_period() is None:
-            axis, padding_norm = axis.padded()
-            factor *= padding_norm
-        ring = axis.circulant_period()
-        assert ring is not None
-        axes.append(axis)
-        exact.append(False)
-        periods.append(ring // axis.stride)
-    groups, out, inp = weight.shape[:3]
-    in_size = inp * math.prod(a.size if e else a.stride for a, e in zip(axes, exact))
-    out_size = out * math.prod(a.outputs if e else 1 for a, e in zip(axes, exact))
-    side = "input" if in_size < out_size else "output"
-    return _Folded(weight, tuple(axes), tuple(exact), tuple(periods), factor, side)
-
-
-def _plan(problem: _Problem, kinds: tuple[str, ...]) -> _Plan:
-    folded = _fold_shape(problem, kinds)
-    groups, out, inp, size, spatial, frequencies, taps, side = folded
-    channels, other = (inp, out) if side == "input" else (out, inp)
-    complex_factor = 1 if all(k != "circulant" for k in kinds) else 4
-    cost = groups * (
-        frequencies * complex_factor * (size**3 / 3 + 50 * size**2)
-        + frequencies * 2 * spatial**2 * channels**2 * min(taps**2, 64)
-        + taps**2 * channels**2 * other
-    )
-    looseness = 0.0
-    for axis, kind in zip(problem.axes, kinds):
-        if kind == "circulant":
-            looseness += 0.15 / axis.size + (0.0 if axis.circulant_period() else 0.3)
-        elif kind == "overlap":
-            looseness += 0.5 * math.log10(max(_overlap(axis), 1)) * 0.6 + 0.01
-    return _Plan(kinds, cost, looseness)
-
-
-def _fold_shape(problem: _Problem, kinds: Sequence[str]) -> tuple[int, int, int, int, int, int, int, str]:
-    """The sizes `_fold` would produce, without touching the weight."""
-    groups, out, inp = problem.weight.shape[:3]
-    for axis, kind in zip(problem.axes, kinds):
-        if kind == "overlap":
-            inp *= len(axis.taps)
-    in_size, out_size, periods, taps = inp, out, [], 1
-    for axis, kind in zip(problem.axes, kinds):
-        if kind == "overlap":
-            continue
-        taps *= len(axis.taps)
-        if kind == "exact":
-            in_size *= axis.size
-            out_size *= axis.outputs
-        else:
-            ring_axis = axis if axis.circulant_period() else axis.padded()[0]
-            in_size *= ring_axis.stride
-            periods.append(ring_axis.circulant_period() // ring_axis.stride)
-    side = "input" if in_size < out_size else "output"
-    size = in_size if side == "input" else out_size
-    channels = inp if side == "input" else out
-    frequencies = len(unique_frequencies(periods))
-    return groups, out, inp, size, size // channels, frequencies, taps, side
-
-
-def _choose_plan(problem: _Problem, mode: Any, budget: float) -> _Plan:
-    count = len(problem.axes)
-    if mode in KINDS:
-        return _plan(problem, (mode,) * count)
-    if isinstance(mode, (tuple, list)) and len(mode) == count and all(k in KINDS for k in mode):
-        return _plan(problem, tuple(mode))
-    if mode != "auto":
-        raise InputError(f"plan {mode!r} is not 'auto', one of {', '.join(KINDS)} or one of those per axis")
-    plans = [_plan(problem, kinds) for kinds in itertools.product(KINDS, repeat=count)]
-    affordable = [p for p in plans if p.cost <= budget]
-    if not affordable:
-        return min(plans, key=lambda p: p.cost)
-    return min(affordable, key=lambda p: (round(p.looseness, 9), p.cost))
-
-
 # -- the bound ----------------------------------------------------------------------------------
 
 
-def _problem(weight: torch.Tensor, axes: tuple[Axis, ...], groups: int) -> _Problem | None:
+def _problem(weight: torch.Tensor, axes: tuple[Axis, ...], groups: int) -> Problem | None:
     """Grouped weight with dead taps removed and single-tap axes factored out (None: A = 0)."""
     if any(axis.outputs == 0 for axis in axes):
         return None
@@ -219,49 +80,56 @@ def _problem(weight: torch.Tensor, axes: tuple[Axis, ...], groups: int) -> _Prob
         w = w.index_select(3 + index, torch.tensor(axis.taps))
     kept, factor = [], 1.0
     for index, axis in reversed(list(enumerate(axes))):
-        if len(axis.taps) == 1:
-            counts = axis.tap_matrices()[0].sum(0)
-            factor *= math.sqrt(float(counts.max()))
+        if len(axis.taps) == 1:  # B_0 has one 1 per row: ||B_0|| = sqrt(most reads of one input)
+            factor *= math.sqrt(float(axis.tap_matrices()[0].sum(0).max()))
             w = w.squeeze(3 + index)
         else:
             kept.insert(0, axis)
-    return _Problem(w, tuple(kept), factor)
+    if not bool(w.any()):
+        return None
+    return Problem(w, tuple(kept), factor)
 
 
 # Frequencies tried along overlap axes for the lower estimate (the plan has no worst one there).
-_COARSE = tuple(2 * math.pi * r / 8 for r in range(5))
+_COARSE = (0.0, math.pi / 2, math.pi)
 
 
-def _bound(problem: _Problem | None, mode: Any, budget: float, seed: int) -> NormBound:
-    if problem is None or not bool(problem.weight.any()):
+def _execute(problem: Problem | None, plan: Plan | None, seed: int) -> NormBound:
+    if problem is None or plan is None:
         return NormBound(0.0, 0.0, "zero")
-    plan = _choose_plan(problem, mode, budget)
-    folded = _fold(problem, plan.kinds)
+    with one_thread():
+        return _execute_plan(problem, plan, seed)
+
+
+def _execute_plan(problem: Problem, plan: Plan, seed: int) -> NormBound:
+    folded = fold(problem, plan.kinds)
+    factor = folded.factor * problem.factor
+    if plan.deflated:
+        upper, lower = deflated_norm_bound(folded.weight, seed=seed)
+        upper *= factor * (1 + 4 * UNIT_ROUNDOFF)
+        return NormBound(upper, min(lower * problem.factor, upper), plan.method)
     blocks = gram_blocks(folded.weight, folded.axes, folded.exact, folded.periods, folded.side)
     top = certified_top_eigenvalue(blocks.matrices, blocks.errors, seed=seed)
-    upper = math.sqrt(top.upper) * folded.factor * problem.factor * (1 + 8 * UNIT_ROUNDOFF)
+    upper = math.sqrt(top.upper) * factor * (1 + 8 * UNIT_ROUNDOFF)
     group, frequency = divmod(top.index, len(blocks.frequencies))
     if all(k == "exact" for k in plan.kinds):
         lower = math.sqrt(max(top.estimate, 0.0))
     else:
         lower = _lower(problem, plan, folded, blocks.frequencies[frequency], group, top.vector)
-    lower = min(lower * problem.factor, upper)
-    return NormBound(upper, lower, plan.method if problem.axes else "exact")
+    return NormBound(upper, min(lower * problem.factor, upper), plan.method)
 
 
-def _lower(problem: _Problem, plan: _Plan, folded: _Folded, frequency: tuple[int, ...], group: int,
+def _lower(problem: Problem, plan: Plan, folded: Folded, frequency: tuple[int, ...], group: int,
            vector: torch.Tensor) -> float:  # fmt: skip
     """The windowed-plane-wave estimate on the true axes: circulant axes at the certified worst
     frequency, overlap axes at a few coarse ones."""
     exact = tuple(k == "exact" for k in plan.kinds)
+    periods = [p for p, e in zip(folded.periods, folded.exact) if not e]  # the circulant axes, in order
     per_axis: list[tuple[float, ...]] = []
-    circulant = 0
-    for kind, axis in zip(plan.kinds, problem.axes):
+    for kind in plan.kinds:
         if kind == "circulant":
-            ring_axis = axis if axis.circulant_period() else axis.padded()[0]
-            period = ring_axis.circulant_period() // ring_axis.stride
-            per_axis.append((2 * math.pi * frequency[circulant] / period,))
-            circulant += 1
+            index = len([x for x in per_axis if len(x) == 1])
+            per_axis.append((2 * math.pi * frequency[index] / periods[index],))
         elif kind == "overlap":
             per_axis.append(_COARSE)
     candidates = list(itertools.product(*per_axis))
@@ -271,17 +139,36 @@ def _lower(problem: _Problem, plan: _Plan, folded: _Folded, frequency: tuple[int
     return lower_estimate(problem.weight[group], problem.axes, exact, candidates, side, start)
 
 
-def _natural_side(problem: _Problem, exact: tuple[bool, ...]) -> str:
+def _natural_side(problem: Problem, exact: tuple[bool, ...]) -> str:
     out, inp = problem.weight.shape[1:3]
     in_size = inp * math.prod(a.size if e else a.stride for a, e in zip(problem.axes, exact))
     out_size = out * math.prod(a.outputs if e else 1 for a, e in zip(problem.axes, exact))
     return "input" if in_size < out_size else "output"
 
 
-def linear_operator_norm(weight: torch.Tensor, *, seed: int = 0) -> NormBound:
-    """||W||_2 of a (out, in) matrix (or any weight flattened to out x rest), proven from above."""
+def _linear_problem(weight: torch.Tensor) -> Problem | None:
     matrix = weight.detach().to(torch.float64).reshape(weight.shape[0], -1)
-    return _bound(_Problem(matrix.view(1, *matrix.shape), (), 1.0), "exact", math.inf, seed)
+    return Problem(matrix.view(1, *matrix.shape), (), 1.0) if bool(matrix.any()) else None
+
+
+def _conv_problem(weight: torch.Tensor, input_size: Sequence[int], stride: Any, padding: Any, dilation: Any,
+                  groups: int, transposed: bool, output_padding: Any, padding_mode: str) -> Problem | None:  # fmt: skip
+    weight = weight.detach()
+    if weight.dim() < 3:
+        raise InputError(f"a convolution weight needs spatial axes, got shape {tuple(weight.shape)}")
+    groups = int(groups or 1)
+    if groups < 1 or weight.shape[0] % groups:
+        raise InputError(f"{weight.shape[0]} channels do not split into {groups} groups")
+    axes = conv_axes(weight.shape[2:], [int(n) for n in input_size], stride, padding, dilation,
+                     transposed=transposed, output_padding=output_padding, padding_mode=padding_mode)  # fmt: skip
+    return _problem(weight, axes, groups)
+
+
+def linear_operator_norm(weight: torch.Tensor, *, budget: float = DEFAULT_BUDGET, seed: int = 0) -> NormBound:
+    """||W||_2 of a (out, in) matrix (or any weight flattened to out x rest), proven from above:
+    from its Gram matrix, or, when that costs more than `budget`, by deflation (deflated_bound)."""
+    problem = _linear_problem(weight)
+    return _execute(problem, choose_plan(problem, "auto", budget) if problem else None, seed)
 
 
 def conv_operator_norm(
@@ -306,59 +193,39 @@ def conv_operator_norm(
     "exact" (every axis exact: the dense matrix's norm), "circulant" or "overlap" (every axis so),
     or a tuple with one of those per spatial axis left after single-tap axes are factored out.
     """
-    weight = weight.detach()
-    if weight.dim() < 3:
-        raise InputError(f"a convolution weight needs spatial axes, got shape {tuple(weight.shape)}")
-    groups = int(groups or 1)
-    channels = weight.shape[0]
-    if groups < 1 or channels % groups:
-        raise InputError(f"{channels} channels do not split into {groups} groups")
-    axes = conv_axes(
-        weight.shape[2:],
-        [int(n) for n in input_size],
-        stride,
-        padding,
-        dilation,
-        transposed=transposed,
-        output_padding=output_padding,
-        padding_mode=padding_mode,
-    )
-    return _bound(_problem(weight, axes, groups), plan, budget, seed)
+    problem = _conv_problem(weight, input_size, stride, padding, dilation, groups, transposed, output_padding,
+                            padding_mode)  # fmt: skip
+    return _execute(problem, choose_plan(problem, plan, budget) if problem else None, seed)
 
 
-def operator_norms(layers: Sequence[LayerSpec], *, budget: float = DEFAULT_BUDGET) -> list[NormBound]:
-    """`conv_operator_norm` / `linear_operator_norm` for many layers; a weight seen twice at the
-    same geometry is computed once. Each layer is seeded alike, so results do not depend on order."""
-    results: dict[tuple[Any, ...], NormBound] = {}
-    out = []
-    for spec in layers:
-        key = (
-            spec.weight.data_ptr(),
-            tuple(spec.weight.shape),
-            spec.input_size,
-            str(spec.stride),
-            str(spec.padding),
-            str(spec.dilation),
-            spec.groups,
-            spec.transposed,
-            str(spec.output_padding),
-            spec.padding_mode,
-        )
-        if key not in results:
-            if spec.input_size is None:
-                results[key] = linear_operator_norm(spec.weight)
-            else:
-                results[key] = conv_operator_norm(
-                    spec.weight,
-                    spec.input_size,
-                    spec.stride,
-                    spec.padding,
-                    spec.dilation,
-                    spec.groups,
-                    spec.transposed,
-                    spec.output_padding,
-                    spec.padding_mode,
-                    budget=budget,
-                )
-        out.append(results[key])
-    return out
+def _spec_problem(spec: LayerSpec) -> Problem | None:
+    if spec.input_size is None:
+        return _linear_problem(spec.weight)
+    return _conv_problem(spec.weight, spec.input_size, spec.stride, spec.padding, spec.dilation, spec.groups,
+                         spec.transposed, spec.output_padding, spec.padding_mode)  # fmt: skip
+
+
+def operator_norms(layers: Sequence[LayerSpec], *, budget: float = DEFAULT_MODEL_BUDGET) -> list[NormBound]:
+    """Bounds for many layers sharing one `budget` of float64 operations (conv_plans.allocate:
+    the tightest plans it affords, where they save the most). A weight seen twice at the same
+    geometry is computed once; every layer is seeded alike, so results do not depend on order."""
+    with one_thread():
+        return _operator_norms(layers, budget)
+
+
+def _operator_norms(layers: Sequence[LayerSpec], budget: float) -> list[NormBound]:
+    keys = [_key(spec) for spec in layers]
+    unique = list(dict.fromkeys(keys))
+    specs = dict(zip(keys, layers))
+    problems = {key: _spec_problem(specs[key]) for key in unique}
+    live = [key for key in unique if problems[key] is not None]
+    plans = dict(zip(live, allocate([problems[key] for key in live], budget)))
+    results = {key: _execute(problems[key], plans.get(key), 0) for key in unique}
+    return [results[key] for key in keys]
+
+
+def _key(spec: LayerSpec) -> tuple[Any, ...]:
+    weight = spec.weight
+    return (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, spec.input_size, str(spec.stride),
+            str(spec.padding), str(spec.dilation), spec.groups, spec.transposed, str(spec.output_padding),
+            spec.padding_mode)  # fmt: skip
