@@ -88,48 +88,58 @@ def exact_matrices(axis: Axis, side: str) -> torch.Tensor:
     return b if side == "input" else b.transpose(1, 2)
 
 
-def _symbol(weight: torch.Tensor, axes: Sequence[Axis], omegas: torch.Tensor) -> torch.Tensor:
-    """(candidates, out, S * in): the polyphase symbol sum_t W_t exp(i omega . q_t) e_phi_t^T,
-    columns ordered (phase, channel) as the Gram blocks order them."""
-    out, inp = weight.shape[:2]
-    taps = weight.reshape(out * inp, -1).T  # (T, out * in)
-    spatial = math.prod(a.stride for a in axes)
+def _symbol_coefficients(axes: Sequence[Axis], omegas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """((candidates, T) complex, (T,) phase index): the polyphase symbol is
+    M(omega) = sum_t coefficient[t] W_t e_phase[t]^T, with columns ordered (phase, channel)."""
     grids = list(itertools.product(*(range(len(a.taps)) for a in axes)))
-    angle = torch.zeros(omegas.shape[0], spatial, len(grids), dtype=torch.float64)
-    mask = torch.zeros(spatial, len(grids), dtype=torch.float64)
+    angle = torch.zeros(omegas.shape[0], len(grids), dtype=torch.float64)
+    phases = torch.zeros(len(grids), dtype=torch.long)
     for flat, index in enumerate(grids):
-        phase, total = 0, torch.zeros(omegas.shape[0], dtype=torch.float64)
+        phase = 0
         for position, (axis, t) in enumerate(zip(axes, index)):
             q, phi = axis.phases()[t]
             phase = phase * axis.stride + phi
-            total = total + omegas[:, position] * q
-        angle[:, phase, flat] = total
-        mask[phase, flat] = 1.0
-    coefficients = torch.polar(mask.expand_as(angle), angle).reshape(-1, len(grids))  # (F * S, T)
-    symbol = torch.complex(coefficients.real @ taps, coefficients.imag @ taps)
-    symbol = symbol.view(omegas.shape[0], spatial, out, inp).permute(0, 2, 1, 3)
-    return symbol.reshape(omegas.shape[0], out, spatial * inp)
+            angle[:, flat] += omegas[:, position] * q
+        phases[flat] = phase
+    return torch.polar(torch.ones_like(angle), angle), phases
 
 
 def _screen(weight: torch.Tensor, axes: Sequence[Axis], candidates: Sequence[Sequence[float]], side: str
             ) -> tuple[Sequence[float], torch.Tensor]:  # fmt: skip
-    """The candidate frequency whose symbol has the largest norm (a few power steps) and that
-    symbol's top singular vector on the given side: the infinite-size version of the problem."""
-    symbol = _symbol(weight, axes, torch.tensor(candidates, dtype=torch.float64))  # M: (F, out, S * in)
-    if side == "input":  # power steps on M^H M, through M and M^H (never conjugating M itself)
-        vector = torch.ones(symbol.shape[0], symbol.shape[2], 1, dtype=torch.complex128)
+    """The candidate frequency whose symbol M has the largest norm (a few power steps through
+    products with the taps, M never formed) and M's top singular vector on the given side: the
+    infinite-size version of the problem."""
+    coefficients, phases = _symbol_coefficients(axes, torch.tensor(candidates, dtype=torch.float64))
+    out, inp = weight.shape[:2]
+    taps = weight.reshape(out, inp, -1).permute(2, 0, 1).contiguous()  # (T, out, in), real
+    spatial = math.prod(a.stride for a in axes)
+    count = coefficients.shape[0]
+
+    def forward(v: torch.Tensor) -> torch.Tensor:  # (F, S, in) -> (F, out)
+        images = torch.view_as_complex(torch.einsum("toi,ftiv->ftov", taps, torch.view_as_real(v[:, phases])))
+        return (coefficients.unsqueeze(2) * images).sum(1)
+
+    def backward(u: torch.Tensor) -> torch.Tensor:  # (F, out) -> (F, S, in), the adjoint
+        weighted = coefficients.conj().unsqueeze(2) * u.unsqueeze(1)  # (F, T, out)
+        images = torch.view_as_complex(torch.einsum("toi,ftov->ftiv", taps, torch.view_as_real(weighted).contiguous()))
+        result = torch.zeros(count, spatial, inp, dtype=torch.complex128)
+        return result.index_add_(1, phases, images)
+
+    if side == "input":  # power steps on M^H M
+        vector = torch.ones(count, spatial, inp, dtype=torch.complex128)
         for _ in range(4):
-            vector = ((symbol @ vector).mH @ symbol).mH
-            vector = vector / vector.norm(dim=1, keepdim=True).clamp_min(1e-300)
-        quotients = (symbol @ vector).abs().square().sum(dim=(1, 2))
-    else:  # power steps on M M^H
-        vector = torch.ones(symbol.shape[0], symbol.shape[1], 1, dtype=torch.complex128)
-        for _ in range(4):
-            vector = symbol @ (vector.mH @ symbol).mH
-            vector = vector / vector.norm(dim=1, keepdim=True).clamp_min(1e-300)
-        quotients = (vector.mH @ symbol).abs().square().sum(dim=(1, 2))
+            vector = backward(forward(vector))
+            vector = vector / vector.flatten(1).norm(dim=1).clamp_min(1e-300).view(-1, 1, 1)
+        quotients = forward(vector).abs().square().sum(1)
+        best = int(quotients.argmax())
+        return candidates[best], vector[best].reshape(-1)
+    vector = torch.ones(count, out, dtype=torch.complex128)  # power steps on M M^H
+    for _ in range(4):
+        vector = forward(backward(vector))
+        vector = vector / vector.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    quotients = backward(vector).abs().square().sum(dim=(1, 2))
     best = int(quotients.argmax())
-    return candidates[best], vector[best, :, 0]
+    return candidates[best], vector[best]
 
 
 def lower_estimate(weight: torch.Tensor, axes: Sequence[Axis], exact: Sequence[bool],

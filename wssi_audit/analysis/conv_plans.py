@@ -29,6 +29,11 @@ from .deflated_bound import deflated_cost
 
 KINDS = ("exact", "circulant", "overlap")
 DEFLATION_LOOSENESS = 1.0  # decades a deflated bound is ranked as losing: it may reach ||A||_F
+# Fixed costs, in the same rough operations (about 0.1 ns each on one thread of the 2-core
+# machine these were measured on): per layer (Python, geometry, small tensors), and per small
+# matrix factorised in a batch (LAPACK call overhead, ~30 us for 64 x 64).
+LAYER_OVERHEAD = 3e7
+MATRIX_OVERHEAD = 3e5
 
 
 @dataclass
@@ -134,10 +139,11 @@ def make_plan(problem: Problem, kinds: tuple[str, ...]) -> Plan:
     taps = math.prod(len(a.taps) for a in axes)
     complex_factor = 1 if all(exact) else 4
     cost = groups * (
-        frequencies * complex_factor * (size**3 / 3 + 50 * size**2)
+        frequencies * complex_factor * (size**3 / 3 + 50 * size**2 + MATRIX_OVERHEAD)
         + frequencies * 2 * spatial**2 * channels**2 * min(taps**2, 64)
         + taps**2 * channels**2 * other
     )
+    cost += LAYER_OVERHEAD + _lower_cost(problem, kinds)
     looseness = 0.0
     for axis, kind in zip(problem.axes, kinds):
         if kind == "circulant":
@@ -145,6 +151,20 @@ def make_plan(problem: Problem, kinds: tuple[str, ...]) -> Plan:
         elif kind == "overlap":
             looseness += 0.3 * math.log10(max(overlap(axis), 1)) + 0.01
     return Plan(kinds, cost, looseness)
+
+
+def _lower_cost(problem: Problem, kinds: Sequence[str]) -> float:
+    """The lower estimate's products (conv_lower): 2 windows x 2 vectors x 4 passes x (A, A^H),
+    each ~ taps x out x in x the exact positions, plus the symbol screen over overlap axes."""
+    if all(k == "exact" for k in kinds):
+        return 0.0
+    out, inp = problem.weight.shape[1:3]
+    taps = math.prod(len(a.taps) for a in problem.axes)
+    positions = math.prod(a.size for a, k in zip(problem.axes, kinds) if k == "exact")
+    cost = 32.0 * taps * out * inp * positions
+    if "overlap" in kinds and "exact" not in kinds:
+        cost += 8.0 * taps * out * inp * 3 ** kinds.count("overlap")
+    return cost
 
 
 def candidate_plans(problem: Problem) -> list[Plan]:
@@ -156,7 +176,7 @@ def candidate_plans(problem: Problem) -> list[Plan]:
         plans.append(plan)
         if all(k == "overlap" for k in kinds):
             folded_in = inp * math.prod(len(a.taps) for a in problem.axes)
-            cost = deflated_cost(groups, out, folded_in)
+            cost = deflated_cost(groups, out, folded_in) + LAYER_OVERHEAD
             if cost < plan.cost:
                 plans.append(replace(plan, cost=cost, looseness=plan.looseness + DEFLATION_LOOSENESS, deflated=True))
     return plans

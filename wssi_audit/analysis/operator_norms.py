@@ -42,7 +42,7 @@ from .psd_bound import UNIT_ROUNDOFF, certified_top_eigenvalue, one_thread
 # Rough float64 operations one layer (DEFAULT_BUDGET) or a whole model (DEFAULT_MODEL_BUDGET)
 # may spend; beyond it, cheaper plans (still proven upper bounds, looser) are used.
 DEFAULT_BUDGET = 2e9
-DEFAULT_MODEL_BUDGET = 3e10
+DEFAULT_MODEL_BUDGET = 1e10
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def _problem(weight: torch.Tensor, axes: tuple[Axis, ...], groups: int) -> Probl
 
 
 # Frequencies tried along overlap axes for the lower estimate (the plan has no worst one there).
-_COARSE = (0.0, math.pi / 2, math.pi)
+_COARSE = (0.0, math.pi, math.pi / 2)  # in the order they are tried when few can be
 
 
 def _execute(problem: Problem | None, plan: Plan | None, seed: int) -> NormBound:
