@@ -31,9 +31,9 @@ KINDS = ("exact", "circulant", "overlap")
 DEFLATION_LOOSENESS = 1.0  # decades a deflated bound is ranked as losing: it may reach ||A||_F
 # Fixed costs, in the same rough operations (about 0.1 ns each on one thread of the 2-core
 # machine these were measured on): per layer (Python, geometry, small tensors), and per small
-# matrix factorised in a batch (LAPACK call overhead, ~30 us for 64 x 64).
+# matrix factorised in a batch (LAPACK call overhead, a few us; none for 1 x 1 blocks).
 LAYER_OVERHEAD = 3e7
-MATRIX_OVERHEAD = 3e5
+MATRIX_OVERHEAD = 5e4
 
 
 @dataclass
@@ -139,7 +139,7 @@ def make_plan(problem: Problem, kinds: tuple[str, ...]) -> Plan:
     taps = math.prod(len(a.taps) for a in axes)
     complex_factor = 1 if all(exact) else 4
     cost = groups * (
-        frequencies * complex_factor * (size**3 / 3 + 50 * size**2 + MATRIX_OVERHEAD)
+        frequencies * complex_factor * (size**3 / 3 + 50 * size**2 + (MATRIX_OVERHEAD if size > 1 else 0))
         + frequencies * 2 * spatial**2 * channels**2 * min(taps**2, 64)
         + taps**2 * channels**2 * other
     )
