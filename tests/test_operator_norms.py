@@ -372,3 +372,14 @@ def test_bad_arguments_are_input_errors(call, message):
     weight = torch.randn(4, 2, 3, 3, dtype=torch.float64)
     with pytest.raises(InputError, match=message):
         call(weight)
+
+
+def test_a_deflated_folded_convolution_reports_a_lower_value_of_the_convolution():
+    """Found by the property test: the folded matrix's norm (overlap axis) is above ||A||, so it
+    must not be reported as the lower value."""
+    weight = torch.tensor([[[[1.5410, -0.2934]]], [[[-2.1788, 0.5684]]]], dtype=torch.float64)
+    layer = dict(weight=weight, size=[1, 2], stride=[1, 2], padding=[0, 1], dilation=[1, 1], groups=1,
+                 transposed=True, output_padding=[0, 0], mode="zeros")  # fmt: skip
+    bound = _bound(layer, "auto", budget=0.0)
+    assert "deflated" in bound.method
+    assert_brackets(bound, _reference(layer))

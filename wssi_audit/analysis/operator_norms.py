@@ -107,6 +107,9 @@ def _execute_plan(problem: Problem, plan: Plan, seed: int) -> NormBound:
     if plan.deflated:
         upper, lower = deflated_norm_bound(folded.weight, seed=seed)
         upper *= factor * (1 + 4 * UNIT_ROUNDOFF)
+        if problem.axes:  # the folded matrix's norm is no lower bound for the convolution's
+            group = int(problem.weight.flatten(1).norm(dim=1).argmax())
+            lower = _lower(problem, plan, folded, (), group, torch.zeros(0))
         return NormBound(upper, min(lower * problem.factor, upper), plan.method)
     blocks = gram_blocks(folded.weight, folded.axes, folded.exact, folded.periods, folded.side)
     top = certified_top_eigenvalue(blocks.matrices, blocks.errors, seed=seed)
