@@ -1,15 +1,17 @@
 """Time and tightness of the certified per-layer operator-norm bounds on real architectures.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/operator_norms.py [--models resnet18@32 resnet50@224 vgg11@224]
-        [--budget 2e9] [--repeat 3] [--threads 2] [--measure]
+    .venv/bin/python benchmarks/operator_norms.py [--models resnet18@32 resnet50@224 vgg11@224]
+        [--budget 1e10] [--repeat 3] [--threads 2] [--measure]
 
 For each torchvision model (random weights, BatchNorm statistics and affine parameters drawn at
 random, eval mode): the layers' input sizes from one forward pass, the folded weights from the
-audit's structure, then `operator_norms` over all weight layers, timed (best of --repeat, wall
-and process CPU). Printed: seconds per model, the plans used, and the residual-aware log10
-input-gradient bound propagated as the audit does, with Frobenius norms x overlap factors
-(today's figure) and with the certified upper bounds; with --measure also the measured
-log10 ||d logits / d x||_2 at a few random inputs in [0, 1] (power iteration on the Jacobian).
+audit's structure, then `operator_norms` over all weight layers with one shared --budget of
+float64 operations (conv_plans.allocate), timed (best of --repeat, wall and process CPU; the
+bounds run on one torch thread whatever --threads says). Printed: seconds per model, the plans
+used, and the residual-aware log10 input-gradient bound propagated as the audit does, with
+Frobenius norms x overlap factors (today's figure) and with the certified upper bounds; with
+--measure also the measured log10 ||d logits / d x||_2 at a few random inputs in [0, 1] (power
+iteration on the Jacobian).
 """
 
 from __future__ import annotations

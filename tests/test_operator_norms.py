@@ -366,6 +366,8 @@ def test_max_pool_lipschitz_constant_is_attained_by_a_spike(size, attrs, expecte
         (lambda w: conv_operator_norm(w, (5, 5), plan="fast"), "plan"),
         (lambda w: conv_operator_norm(w, (5, 5), padding=9, padding_mode="reflect"), "too large"),
         (lambda w: conv_operator_norm(w[0, 0], (5, 5)), "spatial axes"),
+        (lambda w: conv_operator_norm(w * float("nan"), (5, 5)), "non-finite"),
+        (lambda w: linear_operator_norm(w.flatten(1) * float("inf")), "non-finite"),
     ],
 )
 def test_bad_arguments_are_input_errors(call, message):

@@ -2,23 +2,29 @@
 
 A convolution is the linear map A = sum_t W_t (x) B_t over kernel taps t: W_t the (out x in)
 matrix of tap t, B_t the 0/1 map saying which input position each output reads through that tap
-(conv_geometry). Its operator norm is the square root of lambda_max(A^T A), and A^T A (or A A^T,
-whichever is smaller) is assembled from the tap Gram blocks W_t^T W_t' without forming A.
+(conv_geometry). ||A||_2 is the square root of lambda_max(A^T A), and A^T A (or A A^T, whichever
+is smaller) is assembled from the tap Gram blocks W_t^T W_t' without forming A (conv_gram).
 
-Each spatial axis is treated in one of two ways, chosen per layer by cost:
-- exactly: the axis's positions stay in the matrix (tight at any size, costly when large);
-- by a circulant embedding: zero padding at size n embeds into a circular convolution of length
-  N >= n + padding (a multiple of the stride), so A = P C E with E an isometric embedding and P a
-  selection of rows, and ||A|| <= ||C||. In the polyphase form (a stride-s convolution is a
-  stride-1 convolution of the s input phases) C is block circulant and the Fourier transform
-  splits it into N/s independent blocks M(omega): ||C|| = max_omega ||M(omega)||. This is tight
-  for large n and loose for small n (at 1 x 1 a 3 x 3 convolution is just its centre tap), which
-  is why small axes are kept exact.
-With every axis exact the bound is the exact norm; a 1 x 1 convolution and a linear layer are
-just matrices. The upper bound is proven: the largest eigenvalue of each block is bounded by a
-Cholesky test (psd_bound), with rounding margins; the lower value is the Rayleigh quotient
-||A z|| / ||z|| of an explicit input z (the top eigenvector, or a windowed plane wave at the
-worst frequency), so lower <= ||A|| <= upper.
+Each spatial axis is treated in one of three ways (conv_plans), chosen by cost:
+- exact: the axis's positions stay in the matrix (tight at any size, costly when large);
+- circulant: zero padding at size n embeds into a circular convolution of length N >= n + padding
+  (a multiple of the stride), so A = P C E with E an isometric embedding and P a selection of
+  rows, and ||A|| <= ||C||; in the polyphase form (a stride-s convolution is a stride-1
+  convolution of the s input phases) the Fourier transform splits C into N/s blocks M(omega) and
+  ||C|| = max_omega ||M(omega)||. Tight for large n, loose for small n (at 1 x 1 a 3 x 3
+  convolution is just its centre tap), which is why small axes are kept exact;
+- overlap: the axis's taps are folded into the input channels, at the price of
+  sqrt(most (output, tap) pairs reading one input) (about 1.4x for a random 3-tap axis).
+A layer left without spatial axes (a linear layer, a 1 x 1 convolution, a fully folded one) is a
+matrix: its Gram matrix, or, over budget, a deflated Frobenius bound (deflated_bound). A
+transposed convolution is bounded as the convolution it is the adjoint of; groups are a block
+diagonal (the max over groups); a folded BatchNorm is already in the weight the caller passes.
+
+The upper bound is proven: each block's largest eigenvalue is bounded by a Cholesky test with
+Rump's rounding margins (psd_bound). The lower value is the Rayleigh quotient ||A z|| / ||z|| of
+an explicit input z (the top eigenvector, or a windowed plane wave at the worst frequency;
+conv_lower), so lower <= ||A|| <= upper. The computations run on one torch thread
+(psd_bound.one_thread), restored afterwards.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ DEFAULT_MODEL_BUDGET = 1e10
 class NormBound:
     upper: float  # proven: ||A||_2 <= upper
     lower: float  # ||A z|| / ||z|| for a computed z: lower <= ||A||_2 up to rounding
-    method: str  # how the upper bound was obtained, e.g. "exact", "circulant", "exact axis 0 + circulant"
+    method: str  # how: "exact", "circulant axis 0,1", "exact axis 0 + circulant axis 1", "deflated", ...
 
 
 @dataclass(frozen=True)
@@ -129,9 +135,10 @@ def _lower(problem: Problem, plan: Plan, folded: Folded, frequency: tuple[int, .
     exact = tuple(k == "exact" for k in plan.kinds)
     periods = [p for p, e in zip(folded.periods, folded.exact) if not e]  # the circulant axes, in order
     per_axis: list[tuple[float, ...]] = []
+    circulant = iter(range(len(periods)))
     for kind in plan.kinds:
         if kind == "circulant":
-            index = len([x for x in per_axis if len(x) == 1])
+            index = next(circulant)
             per_axis.append((2 * math.pi * frequency[index] / periods[index],))
         elif kind == "overlap":
             per_axis.append(_COARSE)
@@ -149,14 +156,21 @@ def _natural_side(problem: Problem, exact: tuple[bool, ...]) -> str:
     return "input" if in_size < out_size else "output"
 
 
+def _finite(weight: torch.Tensor) -> torch.Tensor:
+    weight = weight.detach()
+    if not bool(torch.isfinite(weight).all()):
+        raise InputError(f"a weight of shape {tuple(weight.shape)} has non-finite entries: no norm to bound")
+    return weight
+
+
 def _linear_problem(weight: torch.Tensor) -> Problem | None:
-    matrix = weight.detach().to(torch.float64).reshape(weight.shape[0], -1)
+    matrix = _finite(weight).to(torch.float64).reshape(weight.shape[0], -1)
     return Problem(matrix.view(1, *matrix.shape), (), 1.0) if bool(matrix.any()) else None
 
 
 def _conv_problem(weight: torch.Tensor, input_size: Sequence[int], stride: Any, padding: Any, dilation: Any,
                   groups: int, transposed: bool, output_padding: Any, padding_mode: str) -> Problem | None:  # fmt: skip
-    weight = weight.detach()
+    weight = _finite(weight)
     if weight.dim() < 3:
         raise InputError(f"a convolution weight needs spatial axes, got shape {tuple(weight.shape)}")
     groups = int(groups or 1)
