@@ -8,6 +8,9 @@ Claims checked on each random network:
 * every reported barrier between two weight layers (an activation that is not positively
   homogeneous): shifting g across it (g on the layer before, 1/g on the layer after) changes the
   output;
+* the certified input-gradient bound: at least the gradient norm an independent float64 power
+  iteration (torch.func jvp/vjp through the real module) finds at the example input, and at most
+  the paper's Frobenius bound (both the report's measured figure and this one stay below it);
 * and the audit's own self-check reports no failed chain (its claims are true).
 
 Normal suite: WSSI_FUZZ_EXAMPLES networks (default 30). The longer run recorded in
@@ -32,7 +35,7 @@ HOMOGENEOUS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.1)}
 NOT_HOMOGENEOUS = {"relu6": nn.ReLU6, "gelu": nn.GELU, "silu": nn.SiLU, "sigmoid": nn.Sigmoid}
 ACTIVATIONS = {**HOMOGENEOUS, **NOT_HOMOGENEOUS}
 TOLERANCE = 1e-9
-TALLY = {"networks": 0, "chain_claims": 0, "barrier_claims": 0}
+TALLY = {"networks": 0, "chain_claims": 0, "barrier_claims": 0, "bound_claims": 0}
 
 
 # ------------------------------------------------------------------------------------- the networks
@@ -248,6 +251,21 @@ def _inputs_of(model: nn.Module, x: torch.Tensor, watch: str) -> tuple[torch.Ten
     return out, seen[-1]
 
 
+def _log10_jacobian_norm(model: nn.Module, x: torch.Tensor, steps: int = 40) -> float:
+    """log10 ||d model / d x||_2 from below: power iteration on J^T J (float64, jvp and vjp)."""
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    sigma = 0.0
+    _, pullback = torch.func.vjp(model, x)
+    for _ in range(steps):
+        v = v / v.norm()
+        image = torch.func.jvp(model, (x,), (v,))[1].detach()
+        sigma = float(image.norm())
+        if sigma == 0.0:
+            break
+        v = pullback(image)[0]
+    return math.log10(sigma) if sigma > 0 else -math.inf
+
+
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     scale = float(a.abs().max())
     diff = float((a - b).abs().max())
@@ -295,6 +313,13 @@ def test_random_architectures_make_no_false_claim(program: list[tuple], seed: in
             moved = max(moved, _relative(base_after, _outputs(shifted, x64, after)[1]))
         assert moved > 1e-6, ("a reported barrier is homogeneous after all", act_name, op, program)
         TALLY["barrier_claims"] += 1
+    gradient = report.summary.gradient
+    if gradient.log10_certified_bound is not None:
+        certified = gradient.log10_certified_bound
+        assert _log10_jacobian_norm(reference.eval(), x64) <= certified + 1e-9, ("certified bound below", program)
+        assert gradient.log10_measured is None or gradient.log10_measured <= certified + 1e-6
+        assert certified <= gradient.log10_frobenius_bound + 1e-9, ("certified above Frobenius", program)
+        TALLY["bound_claims"] += 1
     TALLY["networks"] += 1
 
 
@@ -302,6 +327,6 @@ def test_zz_report_fuzz_counts() -> None:
     """Printed with -s, for docs/reliability.md; every network drawn was checked."""
     print(
         f"\nfuzz: {TALLY['networks']} random networks, {TALLY['chain_claims']} chain claims and "
-        f"{TALLY['barrier_claims']} barrier claims checked, 0 false"
+        f"{TALLY['barrier_claims']} barrier claims and {TALLY['bound_claims']} certified bounds checked, 0 false"
     )
     assert math.isfinite(TALLY["networks"])

@@ -112,3 +112,28 @@ def test_every_layer_bound_is_above_power_iteration_through_torch(resnet18):
         assert estimate <= min(bound.upper, cheap.upper) * (1 + 1e-9), (spec.weight.shape, estimate, bound, cheap)
         # and the bound is tight: within 10 % of what power iteration reaches from below
         assert bound.upper <= 1.1 * estimate, (spec.weight.shape, spec.input_size, estimate, bound)
+
+
+def test_the_audit_reports_this_certified_bound_from_its_own_traced_sizes(resnet18):
+    """Differential: the audit's sizes come from the trace, this test's from forward hooks."""
+    _, analysis, _, bounds = resnet18
+    certified, _ = _log10_bound(analysis, [math.log10(b.upper) for b in bounds])
+    gradient = analysis.report.summary.gradient
+    assert gradient.log10_certified_bound == pytest.approx(certified, abs=1e-9), gradient.certified_note
+    assert gradient.log10_certified_bound < gradient.log10_frobenius_bound - 15
+    assert gradient.certified_method.startswith("operator norms at traced input sizes")
+    for record, bound in zip(analysis.report.layers, bounds):
+        assert record.log10_operator_norm == pytest.approx(math.log10(bound.upper), abs=1e-12), record.name
+
+
+def test_an_onnx_file_gets_the_same_certified_bound(resnet18, tmp_path):
+    """ONNX records no sizes in its nodes: the audit recovers them by one run of the file."""
+    pytest.importorskip("onnx")
+    model, analysis, _, _ = resnet18
+    target = tmp_path / "resnet18.onnx"
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.onnx.export(model, (x,), str(target), dynamo=False)
+    onnx_report = analyze(str(target), verify=False, measure=False).report
+    expected = analysis.report.summary.gradient.log10_certified_bound
+    assert onnx_report.summary.gradient.log10_certified_bound == pytest.approx(expected, abs=1e-6)
+    assert "not traced" not in onnx_report.summary.gradient.certified_method

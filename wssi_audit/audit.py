@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ._version import __version__
-from .analysis.certified import certified_norms
+from .analysis.certified import certified_bound
 from .analysis.gradient import measured_log10_gradient
 from .analysis.metrics import (
     block_log10_branch_norm,
@@ -78,7 +78,7 @@ def analyze_graph(
     chain_of_layer = {layer.name: chain.id for chain in structure.chains for layer in chain.layers}
     homogeneous = homogeneous_layers(structure)
     verification = verify_chains(graph, structure.chains, seed, structure.consumers) if verify else None
-    certified, certified_bound, certified_note, certified_method = certified_norms(graph, structure, norms)
+    certified = certified_bound(graph, structure, norms)
 
     layers = [
         LayerRecord(
@@ -95,7 +95,7 @@ def analyze_graph(
             chain=chain_of_layer[layer.name],
             homogeneous=layer.name in homogeneous,
             status=norms[layer.name].status,
-            log10_operator_norm=certified.get(layer.name),
+            log10_operator_norm=certified.layers.get(layer.name),
             dead=verification is not None and layer.name in verification.dead,
         )
         for layer in structure.layers
@@ -167,12 +167,12 @@ def analyze_graph(
         max_imbalance_decades=_max_imbalance(imbalances, chains),
         gradient=GradientRecord(
             log10_frobenius_bound=frobenius,
-            log10_certified_bound=certified_bound,
+            log10_certified_bound=certified.log10_bound,
             log10_measured=measured,
             frobenius_note=frobenius_note,
-            certified_note=certified_note,
+            certified_note=certified.note,
             measured_note=measured_note,
-            certified_method=certified_method,
+            certified_method=certified.method,
             measured_method=measured_method,
         ),
         all_verified=_all_verified(chains, verification, global_failed),

@@ -6,6 +6,7 @@ import math
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -155,10 +156,33 @@ def _power_iteration_gram(stack: torch.Tensor, vector: torch.Tensor, iterations:
 
 
 def operator_factor(layer: WeightLayer, weight: torch.Tensor) -> float:
-    """||conv operator|| <= sqrt(max outputs reading one input) * ||K||: that square root."""
+    """||conv operator|| <= sqrt(max outputs reading one input) * ||K||: that square root, times
+    the norm bound of a non-zero padding mode (the padded copy repeats border inputs)."""
     if layer.op == "linear":
         return 1.0
-    return overlap_factor(weight.shape[2:], layer.attrs.get("stride", 1), layer.attrs.get("dilation", 1))
+    factor = overlap_factor(weight.shape[2:], layer.attrs.get("stride", 1), layer.attrs.get("dilation", 1))
+    mode = layer.attrs.get("padding_mode") or "zeros"
+    dilation = layer.attrs.get("dilation", 1)
+    dilations = [int(d) for d in dilation] if isinstance(dilation, (list, tuple)) else [int(dilation)]
+    reach = [
+        d * (k - 1) for k, d in zip(weight.shape[2:], dilations * (weight.dim() - 2 if len(dilations) == 1 else 1))
+    ]
+    return factor * padding_copies_factor(mode, layer.attrs.get("padding", 0), reach)
+
+
+def padding_copies_factor(mode: str, padding: Any, reach: list[int]) -> float:
+    """sqrt(most copies of one input in the padded input), at any input size: reflect and circular
+    padding (torch allows pad <= size) copy an input at most 3 times per axis, replicate padding
+    copies an edge input up to 2 pad + 1 times (a size-1 axis)."""
+    if mode == "zeros":
+        return 1.0
+    if isinstance(padding, str):  # 'same' pads at most the kernel's reach d (k - 1) on a side
+        pads = [0 if padding == "valid" else r for r in reach]
+    else:
+        values = [int(p) for p in padding] if isinstance(padding, (list, tuple)) else [int(padding)]
+        pads = values * len(reach) if len(values) == 1 else values
+    copies = [(2 * p + 1 if mode == "replicate" else 3) if p > 0 else 1 for p in pads]
+    return math.sqrt(math.prod(copies))
 
 
 def layer_status(layer: WeightLayer, tensors: Mapping[str, torch.Tensor]) -> str:
@@ -231,11 +255,13 @@ def log10_input_gradient_bound(
     structure: Structure,
     norms: Mapping[str, LayerNorms],
     layer_lipschitz: Mapping[str, float] | None = None,
+    node_lipschitz: Mapping[str, float] | None = None,
 ) -> tuple[float | None, str]:
     """log10 of a Lipschitz bound on the model, propagated through the graph (science.md s.5).
 
     Weight layers contribute `layer_lipschitz` (log10; default ||W_eff||_F times the conv overlap
-    factor, the paper's bound); joins add, concats add in quadrature. Reduces to prod ||W|| for a
+    factor, the paper's bound); other nodes their op's constant, or `node_lipschitz` (log10, by
+    node name) where the caller knows a tighter one; joins add, concats add in quadrature. Reduces to prod ||W|| for a
     plain chain and to ||W_in|| ||W_out|| prod (||s_b|| + prod ||V||) for a residual net. Returns
     (None, why) when some op on the way has no known Lipschitz constant.
     """
@@ -264,6 +290,8 @@ def log10_input_gradient_bound(
             bound[node.name] = None if lip is None else inputs[0] + lip
         elif node.name in folded:
             bound[node.name] = inputs[0]
+        elif node_lipschitz is not None and node.name in node_lipschitz and len(inputs) == 1:
+            bound[node.name] = inputs[0] + node_lipschitz[node.name]
         elif node.op in ("add", "sub"):
             bound[node.name] = log10_sum_exp10(inputs)
         elif node.op in ("cat", "output"):

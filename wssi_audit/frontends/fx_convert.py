@@ -77,6 +77,7 @@ _MODULE_ATTRS = {
     "scale_factor": "scale_factor",
     "mode": "mode",
     "value": "value",
+    "padding_mode": "padding_mode",
 }
 
 
