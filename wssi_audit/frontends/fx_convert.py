@@ -315,7 +315,9 @@ class FxConverter:
             if name in self.param_of:
                 return
             is_tensor = self.tensor_nodes is None or name in self.tensor_nodes
-            self._add(Node(name, "input" if is_tensor else "constant", source="input"), activation=is_tensor)
+            attrs = {"out_shape": list(self.shapes[name])} if name in self.shapes else {}
+            node = Node(name, "input" if is_tensor else "constant", attrs=attrs, source="input")
+            self._add(node, activation=is_tensor)
             return
         if fx_node.op == "get_attr":
             value = _resolve_attr(self.root, fx_node.target) if self.root is not None else None
