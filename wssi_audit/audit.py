@@ -72,6 +72,7 @@ def analyze_graph(
     verify: bool = True,
     measure: bool = True,
     seed: int = 0,
+    measure_on: torch.Tensor | None = None,
 ) -> Analysis:
     structure = find_structure(graph)
     norms = layer_norms(structure.layers, graph.tensors)
@@ -151,7 +152,9 @@ def analyze_graph(
     homogeneous_weight = sum(record.parameters for record in layers if record.homogeneous)
     frobenius, frobenius_note = log10_input_gradient_bound(graph, structure, norms)
     measured, measured_note, measured_method = (
-        measured_log10_gradient(graph.runner, seed=seed) if measure else (None, "not measured (--no-measure)", "")
+        measured_log10_gradient(graph.runner, seed=seed, points=measure_on)
+        if measure
+        else (None, "not measured (--no-measure)", "")
     )
     imbalances = [c.imbalance_decades for c in chains if len(c.weights) > 1]
     tally: dict[str, int] = {}
@@ -233,6 +236,7 @@ def analyze(
     seed: int = 0,
     source: str | None = None,
     format: str | None = None,
+    measure_on: torch.Tensor | None = None,
 ) -> Analysis:
     """Like `audit`, but also returns the graph and structure for further use."""
     from .loading import LoadedModel, load_model
@@ -248,7 +252,9 @@ def analyze(
         format = "torch.export" if isinstance(model, torch.export.ExportedProgram) else "module"
     graph = build_graph(model, inputs, method)
     name = source or f"<{type(model).__name__}>"
-    return analyze_graph(graph, source=name, format=format, verify=verify, measure=measure, seed=seed)
+    return analyze_graph(
+        graph, source=name, format=format, verify=verify, measure=measure, seed=seed, measure_on=measure_on
+    )
 
 
 def audit(
@@ -259,10 +265,14 @@ def audit(
     verify: bool = True,
     measure: bool = True,
     seed: int = 0,
+    measure_on: torch.Tensor | None = None,
 ) -> Report:
     """Audit a model (nn.Module, ExportedProgram or a file path) and return its `Report`.
 
     With example inputs, every chain is checked by weight scale shifts at its own end (with a
-    control that the check could fail), and the input gradient is measured.
+    control that the check could fail), and the input gradient is measured: at the example inputs,
+    or at each example of `measure_on` (a batch shaped like the first input, batch dimension first).
     """
-    return analyze(model, example_inputs, method=method, verify=verify, measure=measure, seed=seed).report
+    return analyze(
+        model, example_inputs, method=method, verify=verify, measure=measure, seed=seed, measure_on=measure_on
+    ).report

@@ -5,6 +5,7 @@ from __future__ import annotations
 from enum import Enum
 from pathlib import Path
 
+import torch
 import typer
 
 from ..audit import analyze
@@ -36,6 +37,25 @@ SEED = typer.Option(0, "--seed", help="Seed of the random inputs and the random 
 MEASURE = typer.Option(
     True, "--measure/--no-measure", help="Measure ||dy/dx|| at the example input (a backward pass or a few)."
 )
+DATA = typer.Option(
+    None,
+    "--data",
+    help="Measure ||dy/dx|| at real examples instead: 'digits', a folder of class subfolders, or a .pt/.npz.",
+)
+DATA_EXAMPLES = typer.Option(16, "--data-examples", min=1, help="How many held-out examples --data measures at.")
+
+
+def measure_points(data: str | None, examples: int) -> torch.Tensor | None:
+    """The first `examples` held-out examples of `data` as one batch (None without --data)."""
+    if data is None:
+        return None
+    from ..training.data import load_data
+
+    held_out = load_data(data).held_out
+    count = min(examples, len(held_out))
+    if count == 0:
+        raise InputError(f"--data {data} has no held-out examples to measure at")
+    return torch.stack([held_out[i][0] for i in range(count)])
 
 
 def check_trace_method(method: str) -> None:
@@ -75,6 +95,8 @@ def register(app: typer.Typer) -> None:
             True, "--verify/--no-verify", help="Check every chain by weight scale shifts, with a control."
         ),
         measure: bool = MEASURE,
+        data: str | None = DATA,
+        data_examples: int = DATA_EXAMPLES,
         seed: int = SEED,
     ) -> None:
         """Trace a model, find its homogeneous chains and residual blocks, report norms in log10.
@@ -89,8 +111,9 @@ def register(app: typer.Typer) -> None:
             from ..plots import require_matplotlib
 
             require_matplotlib()  # before the work, not after it
+        points = measure_points(data, data_examples) if measure else None
         loaded = load_for_cli(model, arch, input_shape, trust_pickle, imports, seed)
-        report = analyze(loaded, method=method, verify=verify, measure=measure, seed=seed).report
+        report = analyze(loaded, method=method, verify=verify, measure=measure, seed=seed, measure_on=points).report
         write_pictures(report, plot, html)
         if output_format is OutputFormat.json:
             text = report.to_json() + "\n"

@@ -13,6 +13,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -32,7 +33,20 @@ from ..checks import (
 from ..cli_support import check_output_file, console, error_console, handle_errors, write_atomic
 from ..errors import EXIT_INCONSISTENT, EXIT_OK, EXIT_RULE_FAILED, EXIT_USAGE, WssiError
 from ..loading import LoadedModel
-from .audit import ARCH, IMPORTS, INPUT_SHAPE, MEASURE, METHOD, SEED, TRUST_PICKLE, check_trace_method, load_for_cli
+from .audit import (
+    ARCH,
+    DATA,
+    DATA_EXAMPLES,
+    IMPORTS,
+    INPUT_SHAPE,
+    MEASURE,
+    METHOD,
+    SEED,
+    TRUST_PICKLE,
+    check_trace_method,
+    load_for_cli,
+    measure_points,
+)
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 every rule passed; 1 a rule failed; 2 usage or input error (bad option, config, "
@@ -290,13 +304,17 @@ def check_models(
     method: str = "auto",
     seed: int = 0,
     measure: bool = True,
+    measure_on: torch.Tensor | None = None,
 ) -> list[ModelOutcome]:
     """Audit and check each model; an unreadable model becomes an error outcome, not an abort."""
     outcomes = []
     for path in models:
         outcome = ModelOutcome(str(path))
         try:
-            report = analyze(load(path), method=method, verify=True, measure=measure, seed=seed).report
+            loaded = load(path)
+            report = analyze(
+                loaded, method=method, verify=True, measure=measure, seed=seed, measure_on=measure_on
+            ).report
             outcome.document = report.to_dict()
             outcome.results = run_checks(outcome.document, rules)  # reads rules.baseline itself
         except WssiError as error:
@@ -351,6 +369,8 @@ def register(app: typer.Typer) -> None:
         imports: list[str] = IMPORTS,
         method: str = METHOD,
         measure: bool = MEASURE,
+        data: str | None = DATA,
+        data_examples: int = DATA_EXAMPLES,
         seed: int = SEED,
     ) -> None:
         check_trace_method(method)
@@ -373,7 +393,8 @@ def register(app: typer.Typer) -> None:
         def load(path: Path) -> LoadedModel:
             return load_for_cli(path, arch, input_shape, trust_pickle, imports, seed)
 
-        outcomes = check_models(models, rules, load, method, seed, measure)
+        points = measure_points(data, data_examples) if measure else None
+        outcomes = check_models(models, rules, load, method, seed, measure, points)
         text = _render(outcomes, output_format)
         if output is not None:
             write_atomic(output, text)
