@@ -118,3 +118,25 @@ def test_bound_is_not_vacuous_for_a_single_linear_layer():
     assert 10**report.summary.gradient.log10_frobenius_bound == pytest.approx(
         float(layer.weight.detach().norm()), rel=1e-6
     )
+
+
+@pytest.mark.parametrize("size,output", [(1, 3), (2, 3), (5, 3), (4, 2)])
+def test_bounds_hold_through_an_upsampling_adaptive_pool(size, output):
+    """VGG's AdaptiveAvgPool2d(7) after a 1 x 1 map copies each input to 49 outputs (norm 7, not 1).
+    All-ones weights make every other factor tight, so a pool constant too small shows."""
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(output),
+        torch.nn.Flatten(),
+        torch.nn.Linear(3 * output * output, 1),
+    ).double()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[4].weight.fill_(1.0)
+        model[0].bias.fill_(1e3)  # every ReLU passes: the Jacobian is the whole linear map
+    x = torch.randn(1, 2, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(size))
+    gradient = audit(model, (x,), verify=False, measure=False).summary.gradient
+    norm = jacobian_spectral_norm(model, x[0])
+    assert norm <= 10**gradient.log10_frobenius_bound * (1 + 1e-9)
+    assert norm <= 10**gradient.log10_certified_bound * (1 + 1e-9)

@@ -150,7 +150,7 @@ def analyze_graph(
 
     total_weight = sum(record.parameters for record in layers)
     homogeneous_weight = sum(record.parameters for record in layers if record.homogeneous)
-    frobenius, frobenius_note = log10_input_gradient_bound(graph, structure, norms)
+    frobenius, frobenius_note = log10_input_gradient_bound(graph, structure, norms, node_lipschitz=certified.pools)
     measured, measured_note, measured_method = (
         measured_log10_gradient(graph.runner, seed=seed, points=measure_on)
         if measure

@@ -135,7 +135,9 @@ OP_TABLE: dict[str, OpSpec] = {
     "prelu": OpSpec(Role.HOMOGENEOUS, lipschitz=None),
     "max_pool": OpSpec(Role.HOMOGENEOUS, lipschitz=_pool_lipschitz),
     "avg_pool": OpSpec(Role.HOMOGENEOUS, lipschitz=_pool_lipschitz),
-    "adaptive_avg_pool": OpSpec(Role.HOMOGENEOUS, lipschitz=1.0),
+    # Exact constants need the input size (analysis/pool_norms); an upsampling adaptive pool
+    # (VGG's 7 x 7 pool after a 1 x 1 map) copies each input to many outputs: no size-free constant.
+    "adaptive_avg_pool": OpSpec(Role.HOMOGENEOUS, lipschitz=None),
     "adaptive_max_pool": OpSpec(Role.HOMOGENEOUS, lipschitz=None),
     "global_avg_pool": OpSpec(Role.HOMOGENEOUS, lipschitz=1.0),
     "mean": OpSpec(Role.HOMOGENEOUS, lipschitz=1.0),

@@ -4,6 +4,7 @@ layer's exact Lipschitz constant (pool_norms), instead of the paper's Frobenius 
 
 A layer whose input size the trace does not record (and a run cannot recover) keeps its
 Frobenius factor: still a proven bound at any size, only looser. Such layers are named in the note.
+The pooling constants (`pools`) are exact, so the Frobenius bound uses them too.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ POOL_OPS = {
 @dataclass
 class CertifiedBound:
     layers: dict[str, float] = field(default_factory=dict)  # layer name -> log10 certified ||A||_2
+    pools: dict[str, float] = field(default_factory=dict)  # pooling node -> log10 exact Lipschitz constant
     log10_bound: float | None = None
     note: str = ""
     method: str = ""
@@ -146,17 +148,16 @@ def certified_bound(graph: Graph, structure: Structure, norms: Mapping[str, Laye
     lipschitz = frobenius_lipschitz(norms)
     lipschitz.update(result.layers)
 
-    node_lipschitz: dict[str, float] = {}
     for node in pools:
         try:
             value = _pool_log10(node, graph, captured)
         except InputError:
             value = None
         if value is not None:
-            node_lipschitz[node.name] = value
+            result.pools[node.name] = value
 
     result.log10_bound, why = log10_input_gradient_bound(
-        graph, structure, norms, layer_lipschitz=lipschitz, node_lipschitz=node_lipschitz
+        graph, structure, norms, layer_lipschitz=lipschitz, node_lipschitz=result.pools
     )
     methods = Counter(_family(bound.method) for bound in bounds.values())
     parts = [f"{count} {name}" for name, count in sorted(methods.items(), key=lambda kv: -kv[1])]
