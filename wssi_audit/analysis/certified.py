@@ -28,6 +28,7 @@ POOL_OPS = {
     "avg_pool": "avg",
     "adaptive_max_pool": "adaptive_max",
     "adaptive_avg_pool": "adaptive_avg",
+    "global_avg_pool": "global_avg",
 }
 
 
@@ -91,6 +92,9 @@ def _pool_log10(node: Node, graph: Graph, captured: Mapping[str, Any]) -> float 
     kind = POOL_OPS[node.op]
     attrs = node.attrs
     out_shape = _shape(node, captured)
+    if kind == "global_avg":  # the mean over n positions: a row of 1/n, norm 1/sqrt(n)
+        shape = _shape(graph.nodes[node.inputs[0]], captured) if node.inputs else None
+        return -0.5 * math.log10(math.prod(shape[2:])) if shape and len(shape) > 2 else None
     dims = len(attrs["kernel_size"]) if isinstance(attrs.get("kernel_size"), list) else None
     if dims is None and out_shape is not None:
         dims = len(out_shape) - 2

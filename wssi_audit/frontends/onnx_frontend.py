@@ -363,6 +363,7 @@ def _conv_defaults(weight: torch.Tensor) -> dict[str, Any]:
         "groups": 1,
         "output_padding": [0] * dims,
         "kernel_size": list(weight.shape[2:]),
+        "padding_mode": "zeros",  # ONNX pads a Conv with zeros; other modes are separate Pad nodes
     }
     return defaults
 
