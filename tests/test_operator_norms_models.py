@@ -37,7 +37,7 @@ def resnet18():
     handles = [
         m.register_forward_hook(lambda m, i, o, n=n: sizes.setdefault(n, tuple(i[0].shape[2:])) and None)
         for n, m in modules.items()
-        if isinstance(m, torch.nn.Conv2d)
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.AdaptiveAvgPool2d))
     ]
     with torch.no_grad():
         model(x)
@@ -51,18 +51,22 @@ def resnet18():
             specs.append(LayerSpec(weight, sizes[layer.name], module.stride, module.padding, module.dilation))
         else:
             specs.append(LayerSpec(weight))
-    return model, analysis, specs, operator_norms(specs)
+    return model, analysis, specs, operator_norms(specs), sizes["avgpool"]
 
 
-def _log10_bound(analysis, log10_norms):
+def _log10_bound(analysis, log10_norms, pool_input):
+    """The propagation with these layer norms; the final pool (a mean over its input positions,
+    size read by a hook here) multiplies by 1/sqrt(positions)."""
     base = layer_norms(analysis.structure.layers, analysis.graph.tensors)
+    pools = {n.name: -0.5 * math.log10(math.prod(pool_input)) for n in analysis.graph.nodes.values() if "avg" in n.op}
+    assert len(pools) == 1
     replaced = {
         layer.name: dataclasses.replace(base[layer.name], log10_frobenius=value, log10_operator_factor=0.0)
         for layer, value in zip(analysis.structure.layers, log10_norms)
     }
-    bound, why = log10_input_gradient_bound(analysis.graph, analysis.structure, replaced)
+    bound, why = log10_input_gradient_bound(analysis.graph, analysis.structure, replaced, node_lipschitz=pools)
     assert bound is not None, why
-    return bound, log10_input_gradient_bound(analysis.graph, analysis.structure, base)[0]
+    return bound, log10_input_gradient_bound(analysis.graph, analysis.structure, base, node_lipschitz=pools)[0]
 
 
 def _jacobian_norm(model, x):
@@ -72,9 +76,9 @@ def _jacobian_norm(model, x):
 
 
 def test_certified_product_is_at_most_8_decades_and_above_the_measured_gradient(resnet18):
-    model, analysis, _, bounds = resnet18
-    certified, frobenius = _log10_bound(analysis, [math.log10(b.upper) for b in bounds])
-    from_lower, _ = _log10_bound(analysis, [math.log10(b.lower) for b in bounds])
+    model, analysis, _, bounds, pool_input = resnet18
+    certified, frobenius = _log10_bound(analysis, [math.log10(b.upper) for b in bounds], pool_input)
+    from_lower, _ = _log10_bound(analysis, [math.log10(b.lower) for b in bounds], pool_input)
     assert certified <= 8.0, certified
     assert frobenius > certified + 15  # the audit's figure today, for contrast (28.7)
     assert from_lower <= certified  # the lower estimates propagate to a smaller figure
@@ -101,7 +105,7 @@ def _conv_power_iteration(spec: LayerSpec, steps: int = 60) -> float:
 
 
 def test_every_layer_bound_is_above_power_iteration_through_torch(resnet18):
-    _, _, specs, default = resnet18
+    _, _, specs, default, _ = resnet18
     tight = operator_norms(specs, budget=3e10)  # enough for the tight plans on every layer
     for spec, bound, cheap in zip(specs, tight, default):
         assert cheap.upper >= bound.lower
@@ -116,8 +120,8 @@ def test_every_layer_bound_is_above_power_iteration_through_torch(resnet18):
 
 def test_the_audit_reports_this_certified_bound_from_its_own_traced_sizes(resnet18):
     """Differential: the audit's sizes come from the trace, this test's from forward hooks."""
-    _, analysis, _, bounds = resnet18
-    certified, _ = _log10_bound(analysis, [math.log10(b.upper) for b in bounds])
+    _, analysis, _, bounds, pool_input = resnet18
+    certified, _ = _log10_bound(analysis, [math.log10(b.upper) for b in bounds], pool_input)
     gradient = analysis.report.summary.gradient
     assert gradient.log10_certified_bound == pytest.approx(certified, abs=1e-9), gradient.certified_note
     assert gradient.log10_certified_bound < gradient.log10_frobenius_bound - 15
@@ -129,7 +133,7 @@ def test_the_audit_reports_this_certified_bound_from_its_own_traced_sizes(resnet
 def test_an_onnx_file_gets_the_same_certified_bound(resnet18, tmp_path):
     """ONNX records no sizes in its nodes: the audit recovers them by one run of the file."""
     pytest.importorskip("onnx")
-    model, analysis, _, _ = resnet18
+    model, analysis, _, _, _ = resnet18
     target = tmp_path / "resnet18.onnx"
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     torch.onnx.export(model, (x,), str(target), dynamo=False)

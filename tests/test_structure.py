@@ -74,10 +74,15 @@ def test_residual_blocks_with_identity_and_projection_shortcuts(name, method):
 
 
 def test_residual_bound_has_the_residual_form():
-    """For a ResNet the propagated bound is ||W_in|| ||W_out|| prod(||s_b|| + prod ||V||) x conv factors."""
+    """For a ResNet the propagated bound is ||W_in|| ||W_out|| prod(||s_b|| + prod ||V||) x conv factors,
+    times the global average pool's 1/sqrt(positions)."""
     import math
 
     model, x = example_model("resnet_nobn")
+    seen = []
+    handle = model.pool.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].shape))
+    model(x)
+    handle.remove()
     analysis = analyze(model, (x,))
     report = analysis.report
     by_name = {layer.name: layer for layer in report.layers}
@@ -89,7 +94,7 @@ def test_residual_bound_has_the_residual_form():
         factor = math.prod(math.ceil(k / stride) for k in kernel) if kernel else 1
         return layer.log10_frobenius + 0.5 * math.log10(factor)
 
-    total = log_op("stem") + log_op("fc")
+    total = log_op("stem") + log_op("fc") - 0.5 * math.log10(math.prod(seen[0][2:]))
     for block in report.residual_blocks:
         branch = sum(log_op(w.removesuffix(".weight")) for w in block.branch_weights)
         shortcut = 0.0 if block.shortcut_weight is None else log_op(block.shortcut_weight.removesuffix(".weight"))

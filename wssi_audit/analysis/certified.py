@@ -23,12 +23,14 @@ from .pool_norms import pool_lipschitz
 from .structure import Structure, WeightLayer
 from .weights import effective_weight
 
+# Ops with an exact Lipschitz constant at their traced sizes: pooling, and means over some axes.
 POOL_OPS = {
     "max_pool": "max",
     "avg_pool": "avg",
     "adaptive_max_pool": "adaptive_max",
     "adaptive_avg_pool": "adaptive_avg",
-    "global_avg_pool": "global_avg",
+    "global_avg_pool": "mean",
+    "mean": "mean",
 }
 
 
@@ -92,9 +94,11 @@ def _pool_log10(node: Node, graph: Graph, captured: Mapping[str, Any]) -> float 
     kind = POOL_OPS[node.op]
     attrs = node.attrs
     out_shape = _shape(node, captured)
-    if kind == "global_avg":  # the mean over n positions: a row of 1/n, norm 1/sqrt(n)
+    if kind == "mean":  # each output the mean of n inputs, disjoint: rows of 1/n, norm 1/sqrt(n)
         shape = _shape(graph.nodes[node.inputs[0]], captured) if node.inputs else None
-        return -0.5 * math.log10(math.prod(shape[2:])) if shape and len(shape) > 2 else None
+        if not shape or not out_shape or math.prod(out_shape) == 0 or math.prod(shape) % math.prod(out_shape):
+            return None
+        return -0.5 * math.log10(math.prod(shape) // math.prod(out_shape))
     dims = len(attrs["kernel_size"]) if isinstance(attrs.get("kernel_size"), list) else None
     if dims is None and out_shape is not None:
         dims = len(out_shape) - 2
