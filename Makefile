@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 $(OLDEST_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/pip install -q $(OLDEST_TORCH_PINS)
-	$(OLDEST_VENV)/bin/pip install -q -e ".[test,zoo]" $(OLDEST_TORCH_PINS)
+	$(OLDEST_VENV)/bin/pip install -q -e ".[test,zoo,integrations]" $(OLDEST_TORCH_PINS)
 	touch $@
 
 demo: install

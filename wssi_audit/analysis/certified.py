@@ -47,7 +47,9 @@ def _shape(node: Node, captured: Mapping[str, Any]) -> list[int] | None:
     shape = node.attrs.get("out_shape")
     if shape is None and node.name in captured:
         shape = list(getattr(captured[node.name], "shape", ())) or None
-    return [int(n) for n in shape] if shape else None
+    if not shape or not all(isinstance(n, int) or (hasattr(n, "__index__") and not isinstance(n, bool)) for n in shape):
+        return None  # unknown, or symbolic (a dynamic dimension): no size to bound at
+    return [int(n) for n in shape]
 
 
 def _spatial(shape: list[int] | None, dims: int) -> tuple[int, ...] | None:
