@@ -583,3 +583,14 @@ def test_control_onnx_external_data_inside_the_folder_loads(onnx_folder):
     result = runner.invoke(app, ["audit", str(path), "-f", "json"])
     assert result.exit_code == 0, result.output
     assert (onnx_folder / "link.bin").read_bytes() == (onnx_folder.parent / "secret.bin").read_bytes()
+
+
+def test_guards_may_call_pure_builtins_but_nothing_else() -> None:
+    """torch 2.9 writes max(1, size // 2) into a converted TorchScript model's guards."""
+    from wssi_audit.errors import InputError
+    from wssi_audit.safe_graph import check_guard
+
+    check_guard("max(1, L['input_3'].size()[2] // 2)*max(1, L['input_3'].size()[3] // 2) > 1")
+    for hostile in ("__import__('os').system('x')", "max.__self__", "getattr(L, 'x')", "max(1, key=print)"):
+        with pytest.raises(InputError):
+            check_guard(hostile)
