@@ -32,7 +32,7 @@ from pathlib import Path
 FLOOR = (
     "import sys, torch, torchvision; "
     "program = torch.export.load(sys.argv[1]); "
-    "norms = [torch.linalg.vector_norm(t.detach()) for t in program.state_dict.values()]"
+    "norms = [torch.linalg.vector_norm(t.detach()) for t in program.state_dict.values() if t.is_floating_point()]"
 )
 PEER = (
     "import logging, torch, torchvision, weightwatcher; "
