@@ -104,7 +104,8 @@ class Axis:
         return axis, math.sqrt(max(copies))
 
 
-def _per_axis(value: Any, dims: int, name: str) -> list[int]:
+def per_axis(value: Any, dims: int, name: str) -> list[int]:
+    """One int per spatial axis from an int or a list (a 1-list is broadcast)."""
     values = [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)] * dims
     if len(values) == 1:
         values = values * dims
@@ -113,7 +114,7 @@ def _per_axis(value: Any, dims: int, name: str) -> list[int]:
     return values
 
 
-def _pads(padding: Any, kernel: Sequence[int], dilation: Sequence[int], dims: int) -> list[tuple[int, int]]:
+def axis_pads(padding: Any, kernel: Sequence[int], dilation: Sequence[int], dims: int) -> list[tuple[int, int]]:
     """(before, after) per axis from an int, one value per axis, ONNX's begins+ends, or a string."""
     if isinstance(padding, str):
         if padding == "valid":
@@ -126,7 +127,7 @@ def _pads(padding: Any, kernel: Sequence[int], dilation: Sequence[int], dims: in
     if len(values) == 2 * dims and dims > 1:
         pads = list(zip(values[:dims], values[dims:]))
     else:
-        pads = [(p, p) for p in _per_axis(values, dims, "padding")]
+        pads = [(p, p) for p in per_axis(values, dims, "padding")]
     if any(p < 0 for pair in pads for p in pair):
         raise InputError(f"negative padding {padding!r} is not supported")
     return pads
@@ -170,10 +171,10 @@ def conv_axes(
         raise InputError(f"padding mode {padding_mode!r} is not one of {', '.join(PADDING_MODES)}")
     if transposed and padding_mode != "zeros":
         raise InputError("a transposed convolution supports only zero padding")
-    strides = _per_axis(stride, dims, "stride")
-    dilations = _per_axis(dilation, dims, "dilation")
-    pads = _pads(padding, kernel_size, dilations, dims)
-    extra = _per_axis(output_padding, dims, "output_padding")
+    strides = per_axis(stride, dims, "stride")
+    dilations = per_axis(dilation, dims, "dilation")
+    pads = axis_pads(padding, kernel_size, dilations, dims)
+    extra = per_axis(output_padding, dims, "output_padding")
     axes = []
     for n, k, s, d, (before, after), o in zip(input_size, kernel_size, strides, dilations, pads, extra):
         if n < 1 or k < 1 or s < 1 or d < 1:

@@ -6,12 +6,12 @@ import math
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from ..ir import Graph
 from ..ops import Role, overlap_factor, spec_of
+from .conv_geometry import axis_pads, per_axis
 from .structure import Chain, ResidualBlock, Structure, WeightLayer
 from .weights import effective_weight, layer_tensor_keys
 
@@ -162,26 +162,22 @@ def operator_factor(layer: WeightLayer, weight: torch.Tensor) -> float:
         return 1.0
     factor = overlap_factor(weight.shape[2:], layer.attrs.get("stride", 1), layer.attrs.get("dilation", 1))
     mode = layer.attrs.get("padding_mode") or "zeros"
-    dilation = layer.attrs.get("dilation", 1)
-    dilations = [int(d) for d in dilation] if isinstance(dilation, (list, tuple)) else [int(dilation)]
-    reach = [
-        d * (k - 1) for k, d in zip(weight.shape[2:], dilations * (weight.dim() - 2 if len(dilations) == 1 else 1))
-    ]
-    return factor * padding_copies_factor(mode, layer.attrs.get("padding", 0), reach)
+    if mode == "zeros":
+        return factor
+    kernel = list(weight.shape[2:])
+    dilations = per_axis(layer.attrs.get("dilation", 1), len(kernel), "dilation")
+    pads = axis_pads(layer.attrs.get("padding", 0), kernel, dilations, len(kernel))
+    return factor * padding_copies_factor(mode, pads)
 
 
-def padding_copies_factor(mode: str, padding: Any, reach: list[int]) -> float:
-    """sqrt(most copies of one input in the padded input), at any input size: reflect and circular
-    padding (torch allows pad <= size) copy an input at most 3 times per axis, replicate padding
-    copies an edge input up to 2 pad + 1 times (a size-1 axis)."""
+def padding_copies_factor(mode: str, pads: list[tuple[int, int]]) -> float:
+    """sqrt(most copies of one input in the padded input), at any input size, from the (before,
+    after) pads per axis: reflect and circular padding (torch allows pad <= size) copy an input at
+    most 3 times per axis, replicate padding copies an edge input up to before + after + 1 times
+    (a size-1 axis)."""
     if mode == "zeros":
         return 1.0
-    if isinstance(padding, str):  # 'same' pads at most the kernel's reach d (k - 1) on a side
-        pads = [0 if padding == "valid" else r for r in reach]
-    else:
-        values = [int(p) for p in padding] if isinstance(padding, (list, tuple)) else [int(padding)]
-        pads = values * len(reach) if len(values) == 1 else values
-    copies = [(2 * p + 1 if mode == "replicate" else 3) if p > 0 else 1 for p in pads]
+    copies = [(before + after + 1 if mode == "replicate" else 3) if before or after else 1 for before, after in pads]
     return math.sqrt(math.prod(copies))
 
 

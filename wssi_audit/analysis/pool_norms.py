@@ -22,18 +22,14 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from .conv_geometry import per_axis
 from .operator_norms import NormBound, linear_operator_norm
 
 POOL_KINDS = ("max", "avg", "adaptive_max", "adaptive_avg")
 
 
-def _per_axis(value: Any, dims: int, default: Any = None) -> list[int]:
-    value = default if value is None else value
-    values = [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)] * dims
-    values = values * dims if len(values) == 1 else values
-    if len(values) != dims:
-        raise InputError(f"pooling parameter {value!r} does not have one value per axis ({dims})")
-    return values
+def _per_axis(value: Any, dims: int) -> list[int]:
+    return per_axis(value, dims, "pooling parameter")
 
 
 def _windows(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> list[tuple[int, int, int]]:
