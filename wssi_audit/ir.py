@@ -75,6 +75,15 @@ def flat_tensors(value: Any) -> list[torch.Tensor]:
     return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in the tensor. A finite sum proves it (a NaN or an Inf entry makes any sum
+    non-finite) at a fraction of isfinite's cost; only a non-finite sum, which a large finite
+    tensor can also give by overflow, takes the entry-by-entry test."""
+    if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
+        return True
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def leaves(value: Any) -> list[torch.Tensor]:
     """All floating-point tensors in a (nested) value, in order: what a numerical comparison reads."""
     return [t for t in flat_tensors(value) if t.is_floating_point()]

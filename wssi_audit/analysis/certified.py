@@ -144,7 +144,7 @@ def certified_bound(graph: Graph, structure: Structure, norms: Mapping[str, Laye
         else:
             specs[layer.name] = spec
     try:
-        bounds = dict(zip(specs, operator_norms(list(specs.values()))))
+        bounds = dict(zip(specs, operator_norms(list(specs.values()), lower=False)))
     except InputError as error:
         result.note = f"no certified norms: {error}"
         return result

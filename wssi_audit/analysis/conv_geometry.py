@@ -11,6 +11,7 @@ are dropped here: they change no singular value, and they make the bounds looser
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,11 +59,11 @@ class Axis:
     def tap_matrices(self) -> torch.Tensor:
         """(taps, outputs, size): B_t[j, i] = how often output j reads input i through tap t."""
         matrices = torch.zeros(len(self.taps), self.outputs, self.size, dtype=torch.float64)
-        for t in range(len(self.taps)):
-            for j in range(self.outputs):
-                i = self.source(j, t)
-                if i is not None:
-                    matrices[t, j, i] += 1.0
+        pairs = itertools.product(range(len(self.taps)), range(self.outputs))
+        reads = [(t, j, i) for t, j in pairs if (i := self.source(j, t)) is not None]
+        if reads:  # one scatter, not a tensor write per read (224-long axes have hundreds)
+            index = torch.tensor(reads).T
+            matrices.index_put_(tuple(index), torch.ones(len(reads), dtype=torch.float64), accumulate=True)
         return matrices
 
     def circulant_period(self) -> int | None:

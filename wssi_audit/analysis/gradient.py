@@ -1,12 +1,17 @@
 """The measured input gradient: ||dy/dx||_2 at the example inputs, a lower estimate of the Lipschitz
 constant that the two bounds of `metrics` must never fall below.
 
-Power iteration on the Jacobian J of all float outputs with respect to all float inputs, at the
-example batch, or at each batch of given data points in its place (in eval mode examples do not
-interact, so J is block diagonal and its norm is the largest per-example one): alternately
-w = J^T u (one backward pass) and u = J w (one forward-mode pass). Every iterate's ratio
-||J^T u|| / ||u|| and ||J w|| / ||w|| is at most ||J||, so the value reported, the largest seen,
-is a lower estimate however few steps are run.
+Lanczos (Golub-Kahan) bidiagonalization of the Jacobian J of all float outputs with respect to all
+float inputs, at the example batch, or at each batch of given data points in its place (in eval
+mode examples do not interact, so J is block diagonal and its norm is the largest per-example
+one). Each step is one backward pass, w = J^T u, orthogonalised against the earlier directions,
+and one forward-mode pass, z = J w. With the directions as the columns of W and their images as
+the columns of Z = J W, every coefficient vector c has ||Z c|| = ||J W c|| <= ||J|| ||W c||, so
+sigma_max(Z) / sigma_max(W) <= ||J||: the value reported (with every ||J^T u|| / ||u|| seen) is a
+lower estimate however few steps run. On the Krylov space it searches it is the best one, where
+power iteration's last iterate is not: on torchvision's ResNet-50 3 steps reach what 5 power
+steps do (within 0.03 decades of the limit), and the forward-mode pass, 4-5 forwards' cost, is
+the expensive half of a step.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import torch
 from ..errors import InputError, describe
 from ..ir import Runner, flat_tensors
 
-METHOD = "power iteration on the Jacobian at {where} (float32, {steps} steps): a lower estimate"
+METHOD = "Lanczos bidiagonalization of the Jacobian at {where} (float32, {steps} steps): a lower estimate"
+STEPS = 3
 
 
 def _flat(values: list[torch.Tensor]) -> torch.Tensor:
@@ -27,9 +33,9 @@ def _flat(values: list[torch.Tensor]) -> torch.Tensor:
 
 
 def measured_log10_gradient(
-    runner: Runner | None, steps: int = 6, seed: int = 0, points: torch.Tensor | None = None
+    runner: Runner | None, steps: int = STEPS, seed: int = 0, points: torch.Tensor | None = None
 ) -> tuple[float | None, str, str]:
-    """(log10 of the largest ||J v|| / ||v|| seen, note, method). `points`: a batch of examples
+    """(log10 of the lower estimate of ||J||_2, note, method). `points`: a batch of examples
     (N, ...) measured in place of the first floating-point example input, in chunks of its batch
     size; the largest figure over all of them is reported (each is a lower estimate)."""
     if runner is None:
@@ -53,13 +59,13 @@ def measured_log10_gradient(
             args[i] = x
         return _flat([t for t in flat_tensors(function(*args)) if t.is_floating_point()])
 
-    best = 0.0
+    best, ran = 0.0, 0
     for primal in primals:
-        value, note = _power_iteration(outputs_of, primal, steps, seed)
+        value, note, count = _bidiagonalization(outputs_of, primal, steps, seed)
         if value is None:
             return None, note, ""
-        best = max(best, value)
-    return (math.log10(best) if best > 0 else float("-inf")), "", METHOD.format(where=where, steps=steps)
+        best, ran = max(best, value), max(ran, count)
+    return (math.log10(best) if best > 0 else float("-inf")), "", METHOD.format(where=where, steps=ran)
 
 
 def _chunks(points: torch.Tensor, example: torch.Tensor) -> list[torch.Tensor]:
@@ -76,30 +82,56 @@ def _chunks(points: torch.Tensor, example: torch.Tensor) -> list[torch.Tensor]:
     return [points[i * size : (i + 1) * size].to(example.dtype) for i in range(count)]
 
 
-def _power_iteration(
+def _as_vector(values: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return torch.cat([v.detach().reshape(-1).to(torch.float64) for v in values])
+
+
+def _like(vector: torch.Tensor, primal: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The flat float64 vector cut into tensors shaped (and typed) like the inputs."""
+    parts, offset = [], 0
+    for x in primal:
+        parts.append(vector[offset : offset + x.numel()].reshape(x.shape).to(x.dtype))
+        offset += x.numel()
+    return tuple(parts)
+
+
+def _bidiagonalization(
     outputs_of: Callable[..., torch.Tensor], primal: tuple[torch.Tensor, ...], steps: int, seed: int
-) -> tuple[float | None, str]:
+) -> tuple[float | None, str, int]:
+    """(the lower estimate, a note when there is none, the steps run: fewer than asked when the
+    Krylov space is exhausted, and then the estimate is ||J|| itself up to rounding)."""
     generator = torch.Generator().manual_seed(seed)
+    not_finite = None, "not measured: the gradient is not finite", 0
+    directions: list[torch.Tensor] = []  # W's columns, as the forward passes received them
+    images: list[torch.Tensor] = []  # Z's columns: J applied to each
     best = 0.0
     try:
         with torch.enable_grad():
             output, pullback = torch.func.vjp(outputs_of, *primal)
             u = torch.randn(output.shape, generator=generator, dtype=output.dtype)
-            for step in range(steps):
-                u = u / u.norm().clamp_min(1e-30)
-                w = pullback(u)
-                norm = math.sqrt(sum(float(x.detach().double().square().sum()) for x in w))
-                if not math.isfinite(norm):
-                    return None, "not measured: the gradient is not finite"
-                best = max(best, norm)
-                if norm == 0.0 or step == steps - 1:
+            for _ in range(max(steps, 1)):
+                w = _as_vector(pullback(u / u.norm().clamp_min(1e-30)))
+                size = float(w.norm())
+                if not math.isfinite(size):
+                    return not_finite
+                best = max(best, size)
+                if directions:  # twice: one Gram-Schmidt pass loses orthogonality to rounding
+                    basis = torch.stack(directions)
+                    for _ in range(2):
+                        w = w - basis.T @ (basis @ w)
+                residual = float(w.norm())
+                if residual <= 1e-4 * size or residual == 0.0:  # the Krylov space is exhausted (float32 rounding)
                     break
-                w = tuple(x / norm for x in w)
-                _, u = torch.func.jvp(outputs_of, primal, w)
-                image = float(u.detach().norm())
-                if not math.isfinite(image):
-                    return None, "not measured: the gradient is not finite"
-                best = max(best, image)
+                direction = _like(w / residual, primal)
+                _, z = torch.func.jvp(outputs_of, primal, direction)
+                directions.append(_as_vector(direction))
+                images.append(z.detach().reshape(-1).to(torch.float64))
+                if not math.isfinite(float(images[-1].norm())):
+                    return not_finite
+                u = z.detach()
+            if images:
+                spread = torch.linalg.matrix_norm(torch.stack(directions, 1), 2)
+                best = max(best, float(torch.linalg.matrix_norm(torch.stack(images, 1), 2) / spread))
     except Exception as error:
-        return None, f"not measured: {describe(error)}"
-    return best, ""
+        return None, f"not measured: {describe(error)}", 0
+    return best, "", len(images)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir import Graph
+from ..ir import Graph, all_finite
 from ..ops import Role, overlap_factor, spec_of
 from .conv_geometry import axis_pads, per_axis
 from .structure import Chain, ResidualBlock, Structure, WeightLayer
@@ -184,7 +184,7 @@ def padding_copies_factor(mode: str, pads: list[tuple[int, int]]) -> float:
 def layer_status(layer: WeightLayer, tensors: Mapping[str, torch.Tensor]) -> str:
     """non_finite when any tensor of the layer's effective map (BatchNorm statistics included) holds
     NaN or Inf; zero for an all-zero weight; else ok."""
-    if not all(bool(torch.isfinite(tensors[key]).all()) for key in layer_tensor_keys(layer)):
+    if not all(all_finite(tensors[key]) for key in layer_tensor_keys(layer)):
         return NON_FINITE
     return ZERO if not bool(tensors[layer.weight].any()) else OK
 

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ..ir import all_finite
 from .conv_geometry import Axis, conv_axes
 from .conv_gram import gram_blocks
 from .conv_lower import lower_estimate
@@ -54,7 +55,7 @@ DEFAULT_MODEL_BUDGET = 1e10
 @dataclass(frozen=True)
 class NormBound:
     upper: float  # proven: ||A||_2 <= upper
-    lower: float  # ||A z|| / ||z|| for a computed z: lower <= ||A||_2 up to rounding
+    lower: float | None  # ||A z|| / ||z|| for a computed z: lower <= ||A||_2 up to rounding (None: not asked for)
     method: str  # how: "exact", "circulant axis 0,1", "exact axis 0 + circulant axis 1", "deflated", ...
 
 
@@ -83,7 +84,8 @@ def _problem(weight: torch.Tensor, axes: tuple[Axis, ...], groups: int) -> Probl
     w = weight.detach().to(torch.float64)
     w = w.reshape(groups, w.shape[0] // groups, *w.shape[1:])
     for index, axis in enumerate(axes):
-        w = w.index_select(3 + index, torch.tensor(axis.taps))
+        if list(axis.taps) != list(range(w.shape[3 + index])):  # some taps only ever read padding
+            w = w.index_select(3 + index, torch.tensor(axis.taps))
     kept, factor = [], 1.0
     for index, axis in reversed(list(enumerate(axes))):
         if len(axis.taps) == 1:  # B_0 has one 1 per row: ||B_0|| = sqrt(most reads of one input)
@@ -100,32 +102,41 @@ def _problem(weight: torch.Tensor, axes: tuple[Axis, ...], groups: int) -> Probl
 _COARSE = (0.0, math.pi, math.pi / 2)  # in the order they are tried when few can be
 
 
-def _execute(problem: Problem | None, plan: Plan | None, seed: int) -> NormBound:
+def _execute(problem: Problem | None, plan: Plan | None, seed: int, lower: bool = True) -> NormBound:
     if problem is None or plan is None:
         return NormBound(0.0, 0.0, "zero")
     with one_thread():
-        return _execute_plan(problem, plan, seed)
+        return _execute_plan(problem, plan, seed, lower)
 
 
-def _execute_plan(problem: Problem, plan: Plan, seed: int) -> NormBound:
+def _execute_plan(problem: Problem, plan: Plan, seed: int, want_lower: bool) -> NormBound:
+    """The proven upper bound, and (`want_lower`) the explicit input's lower value, which on
+    circulant and overlap plans costs a search of its own."""
     folded = fold(problem, plan.kinds)
     factor = folded.factor * problem.factor
+    lower: float | None
     if plan.deflated:
         upper, lower = deflated_norm_bound(folded.weight, seed=seed)
         upper *= factor * (1 + 4 * UNIT_ROUNDOFF)
         if problem.axes:  # the folded matrix's norm is no lower bound for the convolution's
             group = int(problem.weight.flatten(1).norm(dim=1).argmax())
-            lower = _lower(problem, plan, folded, (), group, torch.zeros(0))
-        return NormBound(upper, min(lower * problem.factor, upper), plan.method)
+            lower = _lower(problem, plan, folded, (), group, torch.zeros(0)) if want_lower else None
+        return NormBound(upper, _capped(lower, problem.factor, upper), plan.method)
     blocks = gram_blocks(folded.weight, folded.axes, folded.exact, folded.periods, folded.side)
     top = certified_top_eigenvalue(blocks.matrices, blocks.errors, seed=seed)
     upper = math.sqrt(top.upper) * factor * (1 + 8 * UNIT_ROUNDOFF)
     group, frequency = divmod(top.index, len(blocks.frequencies))
     if all(k == "exact" for k in plan.kinds):
         lower = math.sqrt(max(top.estimate, 0.0))
-    else:
+    elif want_lower:
         lower = _lower(problem, plan, folded, blocks.frequencies[frequency], group, top.vector)
-    return NormBound(upper, min(lower * problem.factor, upper), plan.method)
+    else:
+        lower = None
+    return NormBound(upper, _capped(lower, problem.factor, upper), plan.method)
+
+
+def _capped(lower: float | None, factor: float, upper: float) -> float | None:
+    return None if lower is None else min(lower * factor, upper)
 
 
 def _lower(problem: Problem, plan: Plan, folded: Folded, frequency: tuple[int, ...], group: int,
@@ -158,7 +169,7 @@ def _natural_side(problem: Problem, exact: tuple[bool, ...]) -> str:
 
 def _finite(weight: torch.Tensor) -> torch.Tensor:
     weight = weight.detach()
-    if not bool(torch.isfinite(weight).all()):
+    if not all_finite(weight):
         raise InputError(f"a weight of shape {tuple(weight.shape)} has non-finite entries: no norm to bound")
     return weight
 
@@ -222,22 +233,26 @@ def _spec_problem(spec: LayerSpec) -> Problem | None:
                          spec.transposed, spec.output_padding, spec.padding_mode)  # fmt: skip
 
 
-def operator_norms(layers: Sequence[LayerSpec], *, budget: float = DEFAULT_MODEL_BUDGET) -> list[NormBound]:
+def operator_norms(
+    layers: Sequence[LayerSpec], *, budget: float = DEFAULT_MODEL_BUDGET, lower: bool = True
+) -> list[NormBound]:
     """Bounds for many layers sharing one `budget` of float64 operations (conv_plans.allocate:
     the tightest plans it affords, where they save the most). A weight seen twice at the same
-    geometry is computed once; every layer is seeded alike, so results do not depend on order."""
+    geometry is computed once; every layer is seeded alike, so results do not depend on order.
+    `lower=False`: upper bounds only (the audit's case), lower values None where they would
+    need a search of their own."""
     with one_thread():
-        return _operator_norms(layers, budget)
+        return _operator_norms(layers, budget, lower)
 
 
-def _operator_norms(layers: Sequence[LayerSpec], budget: float) -> list[NormBound]:
+def _operator_norms(layers: Sequence[LayerSpec], budget: float, lower: bool) -> list[NormBound]:
     keys = [_key(spec) for spec in layers]
     unique = list(dict.fromkeys(keys))
     specs = dict(zip(keys, layers))
     problems = {key: _spec_problem(specs[key]) for key in unique}
     live = [key for key in unique if problems[key] is not None]
     plans = dict(zip(live, allocate([problems[key] for key in live], budget)))
-    results = {key: _execute(problems[key], plans.get(key), 0) for key in unique}
+    results = {key: _execute(problems[key], plans.get(key), 0, lower) for key in unique}
     return [results[key] for key in keys]
 
 

@@ -115,6 +115,7 @@ def pool_lipschitz(
     upper, lower = 1.0, 1.0
     for n, axis, divisor in zip(sizes, windows, divisors):
         bound = linear_operator_norm(_average_matrix(n, axis, divisor))
+        assert bound.lower is not None  # a matrix's lower value is its Ritz value: always there
         upper, lower = upper * bound.upper, lower * bound.lower
     if divisor_override:
         upper, lower = upper / divisor_override, lower / divisor_override

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import describe
-from ..ir import Graph, Runner, leaves
+from ..ir import Graph, Runner, all_finite, leaves
 from .structure import Chain, WeightLayer
 from .weights import chain_tensor_keys, shift_layers
 
@@ -86,7 +86,7 @@ def relative_error(reference: Iterable[torch.Tensor], other: Iterable[torch.Tens
     for a, b in zip(reference, other):
         if not a.numel():
             continue
-        if a.shape != b.shape or not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(b).all()):
+        if a.shape != b.shape or not all_finite(a) or not all_finite(b):
             return math.nan
         scale = max(scale, float(a.abs().max()))
         diff = max(diff, float((a - b).abs().max()))
@@ -94,7 +94,7 @@ def relative_error(reference: Iterable[torch.Tensor], other: Iterable[torch.Tens
 
 
 def _finite(values: Iterable[torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in values)
+    return all(all_finite(t) for t in values)
 
 
 def chain_segment(graph: Graph, consumers: Mapping[str, list[str]], chain: Chain) -> tuple[set[str], list[str]]:

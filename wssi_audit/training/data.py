@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, describe
+from ..ir import all_finite
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 DEFAULT_HELD_OUT = 0.2
@@ -160,7 +161,7 @@ def _load_tensor_file(path: Path) -> Dataset:
     if y.is_floating_point() and not torch.equal(y, y.round()):
         raise InputError(f"{path.name}: 'y' must hold integer class labels")
     y = y.long()
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if x.is_floating_point() and not all_finite(x):
         raise InputError(f"{path.name}: 'x' contains NaN or infinite values")
     if x.shape[0] < 2:
         raise InputError(f"{path.name}: need at least 2 examples, got {x.shape[0]}")
