@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/architectures_table.py [--input-size 64] [--randomize-bn]
 
-Random init (weights=None / pretrained=False), eval mode, one 1x3xSxS input. With
+Random init (weights=None / pretrained=False), eval mode, one 1x3xSxS input (LeViT at its fixed
+224: NATIVE_SIZE). A model that fails prints one row saying why, and the table goes on. With
 --randomize-bn, BatchNorm statistics and affine parameters are drawn at random as in
 tests/test_real_architectures.py (at init they are 0/1, so folding is trivially exact).
 """
@@ -35,6 +36,8 @@ MODELS: list[tuple[str, str]] = [
     ("timm", "levit_128s"),
     ("timm", "tresnet_m"),
 ]
+# Models whose attention biases fix the input resolution run at their native size instead.
+NATIVE_SIZE = {"levit_128s": 224}
 
 
 def factory(library: str, name: str) -> Callable[[], nn.Module]:
@@ -60,21 +63,26 @@ def main() -> None:
     print(f"# {os.cpu_count()} CPUs, torch {torch.__version__}, Python {platform.python_version()}")
     print(f"# load average: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(
-        "| model | trace | ops | coverage | chains | residual blocks (id+proj) | folded BN | barriers "
+        "| model | input | trace | ops | coverage | chains | residual blocks (id+proj) | folded BN | barriers "
         "| homogeneous weight | max imbalance (dec) | log10 gradient: Frobenius / certified / measured "
         "| verification | audit time (s) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for library, name in MODELS:
         torch.manual_seed(0)
         model = factory(library, name)().eval()
         if args.randomize_bn:
             randomize_batch_norm(model)
-        x = torch.randn(1, 3, args.input_size, args.input_size, generator=torch.Generator().manual_seed(0))
-        audit(model, (x,), verify=False)  # warm-up
-        start = time.perf_counter()
-        report = audit(model, (x,))
-        seconds = time.perf_counter() - start
+        size = NATIVE_SIZE.get(name, args.input_size)
+        x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        try:
+            audit(model, (x,), verify=False, measure=False)  # warm-up
+            start = time.perf_counter()
+            report = audit(model, (x,))
+            seconds = time.perf_counter() - start
+        except Exception as error:  # one row, and the next model
+            print(f"| {library} {name} | {size} | failed: {type(error).__name__}: {str(error)[:120]} |", flush=True)
+            continue
         s = report.summary
         g = s.gradient
         tally = ", ".join(f"{n} {status}" for status, n in sorted(s.verification.items()))
@@ -83,7 +91,7 @@ def main() -> None:
         for barrier in report.barriers:
             barriers[barrier.op] = barriers.get(barrier.op, 0) + 1
         print(
-            f"| {library} {name} | {report.trace.method} | {report.trace.nodes} | {report.trace.coverage:.0%} "
+            f"| {library} {name} | {size} | {report.trace.method} | {report.trace.nodes} | {report.trace.coverage:.0%} "
             f"| {s.chains} | {s.residual_blocks} ({identity}+{s.residual_blocks - identity}) "
             f"| {sum(layer.folded_bn is not None for layer in report.layers)} "
             f"| {', '.join(f'{op} x{n}' for op, n in barriers.items()) or 'none'} "

@@ -9,7 +9,9 @@ that a machine whose speed drifts affects all of them alike; each round gives th
                          weights (torch.export.load) and computes every weight's norm;
   weightwatcher / CLI    goal >= 2: weightwatcher's whole run (imports, resnet50(), analyze()).
 
-and the medians (with min and max) over the rounds are printed. Then one in-process breakdown of the
+and the medians (with min and max) over the rounds are printed. `--variants` adds the CLI with
+`--no-measure` and with `--no-verify --no-measure` to the rounds: what the measured gradient and
+the self-check cost in a whole run. Then one in-process breakdown of the
 audit's own time by stage. weightwatcher is optional (put it on PYTHONPATH, see docs/benchmarks.md);
 without it the second ratio is skipped. The model has random weights (weights=None): nothing is
 downloaded.
@@ -108,6 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="rounds of floor, CLI (and weightwatcher)")
     parser.add_argument("--input-size", type=int, default=224, help="spatial size of the 1x3xSxS example input")
+    parser.add_argument("--variants", action="store_true", help="also time the CLI without measurement / self-check")
     args = parser.parse_args()
 
     import torch
@@ -130,6 +133,9 @@ def main() -> None:
             "floor": [sys.executable, "-c", FLOOR, str(archive)],
             "cli": cli_command(archive),
         }
+        if args.variants:
+            commands["cli --no-measure"] = [*cli_command(archive), "--no-measure"]
+            commands["cli --no-verify --no-measure"] = [*cli_command(archive), "--no-verify", "--no-measure"]
         if peer:
             commands["weightwatcher"] = [sys.executable, "-c", PEER]
         for command in commands.values():
@@ -142,7 +148,10 @@ def main() -> None:
         print(f"load average after:  {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
         print()
         for name, values in times.items():
-            print(f"{name:<14} seconds {summary(values)}")
+            print(f"{name:<30} seconds {summary(values)}")
+        for name in (n for n in times if n.startswith("cli --")):
+            ratios = [c / f for c, f in zip(times[name], times["floor"])]
+            print(f"{name} / floor per round: {summary(ratios)}")
         cli_over_floor = [c / f for c, f in zip(times["cli"], times["floor"])]
         print(f"\nCLI / floor per round:          {summary(cli_over_floor)}   goal <= 1.3")
         if peer:

@@ -189,3 +189,13 @@ def test_data_that_does_not_fit_the_model_is_one_line_exit_2(tmp_path: Path) -> 
     assert "do not fit the model's input" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["audit", str(path), "--data", str(tmp_path / "missing.npz")])
     assert result.exit_code == 2 and "no such data" in result.output
+
+
+def test_unchecked_chains_get_advice_that_fits_why() -> None:
+    """--no-verify is a choice, not a missing input: its finding says how to turn the check on,
+    and only a model audited without an example input is told to give one."""
+    model, x = example_model("cnn")
+    skipped = {f.code: f for f in audit(model, (x,), verify=False, measure=False).findings}
+    assert "without --no-verify" in skipped["not_verified"].action
+    no_input = {f.code: f for f in audit(model, None, measure=False).findings}
+    assert "--input-shape" in no_input["not_verified"].action

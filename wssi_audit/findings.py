@@ -91,17 +91,20 @@ def unverifiable_chains(report: Report) -> list[FindingRecord]:
     ]
 
 
+# Why chains were not checked (the start of the verification note) -> what to do about it.
+NOT_VERIFIED_ACTIONS = {
+    "verification skipped": "audit without --no-verify (verify=True) to check every chain",
+    "verification could not run": "the model did not run in the check (see the note); audit it with --debug",
+}
+NO_INPUT_ACTION = "give an example input shape (--input-shape 1,3,224,224) so every chain is checked"
+
+
 def not_verified(report: Report) -> list[FindingRecord]:
     if report.summary.verification.get("not_run", 0) == 0:
         return []
-    return [
-        FindingRecord(
-            "not_verified",
-            "warning",
-            f"chains were not checked: {report.summary.verification_note or 'no example input'}",
-            "give an example input shape (--input-shape 1,3,224,224) so every chain is checked",
-        )
-    ]
+    note = report.summary.verification_note or "no example input"
+    action = next((act for why, act in NOT_VERIFIED_ACTIONS.items() if note.startswith(why)), NO_INPUT_ACTION)
+    return [FindingRecord("not_verified", "warning", f"chains were not checked: {note}", action)]
 
 
 def zero_layers(report: Report) -> list[FindingRecord]:
