@@ -133,3 +133,26 @@ def test_experiment_on_cuda_without_cuda_is_an_input_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     result = runner.invoke(app, ["experiment", "--device", "cuda"])
     assert result.exit_code == 2 and "CUDA is not available" in result.output
+
+
+def test_the_console_script_keeps_exit_codes_and_whole_outputs_when_it_skips_teardown(pt2, tmp_path):
+    """The console entry ends analysis commands with os._exit after flushing (cli.FAST_EXIT_COMMANDS):
+    a real process must still give the documented exit codes, a complete stdout and complete files."""
+    import subprocess
+    import sys
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "wssi_audit", *args], capture_output=True, text=True, timeout=600)
+
+    report = tmp_path / "report.json"
+    done = run(str(pt2), "--no-measure", "-f", "json", "-o", str(report))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(report.read_text())["schema_version"] == 2
+    piped = run(str(pt2), "--no-measure", "-f", "json")
+    assert piped.returncode == 0 and json.loads(piped.stdout)["model"]["format"] == "torch.export"
+    failed = run("check", str(pt2), "--no-measure", "--max-imbalance", "0")
+    assert failed.returncode == 1 and "max-imbalance" in failed.stdout
+    missing = run(str(tmp_path / "absent.pt2"))
+    assert missing.returncode == 2 and "no such file" in missing.stderr + missing.stdout
+    assert "Traceback" not in missing.stderr
+    assert cli.FAST_EXIT_COMMANDS.isdisjoint({"finetune", "experiment", "demo"})

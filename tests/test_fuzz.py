@@ -229,20 +229,14 @@ def _shift(model: nn.Module, layers: list[tuple[str, str | None]], log10_g: list
     return shifted
 
 
-def _outputs(model: nn.Module, x: torch.Tensor, watch: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _watched(model: nn.Module, x: torch.Tensor, watch: str, side: str = "output") -> tuple[torch.Tensor, torch.Tensor]:
+    """(the model's output, what module `watch` returned, or its first input with side="input")."""
     seen: list[torch.Tensor] = []
-    handle = _module(model, watch).register_forward_hook(lambda _m, _i, out: seen.append(out.detach().clone()))
-    try:
-        with torch.no_grad():
-            out = model(x)
-    finally:
-        handle.remove()
-    return out, seen[-1]
 
+    def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        seen.append((inputs[0] if side == "input" else out).detach().clone())
 
-def _inputs_of(model: nn.Module, x: torch.Tensor, watch: str) -> tuple[torch.Tensor, torch.Tensor]:
-    seen: list[torch.Tensor] = []
-    handle = _module(model, watch).register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].detach()))
+    handle = _module(model, watch).register_forward_hook(hook)
     try:
         with torch.no_grad():
             out = model(x)
@@ -291,8 +285,8 @@ def test_random_architectures_make_no_false_claim(program: list[tuple], seed: in
         draws = (torch.rand(len(pairs), generator=rng, dtype=torch.float64) * 2 - 1).tolist()
         factors = [d - sum(draws) / len(draws) for d in draws]
         end = pairs[-1][1] or pairs[-1][0]
-        base_out, base_end = _outputs(reference, x64, end)
-        out, end_value = _outputs(_shift(reference, pairs, factors), x64, end)
+        base_out, base_end = _watched(reference, x64, end)
+        out, end_value = _watched(_shift(reference, pairs, factors), x64, end)
         assert _relative(base_end, end_value) <= TOLERANCE, ("false chain", chain.layers, program)
         assert _relative(base_out, out) <= 1e-6, ("false chain at the output", chain.layers, program)
         TALLY["chain_claims"] += 1
@@ -302,15 +296,15 @@ def test_random_architectures_make_no_false_claim(program: list[tuple], seed: in
         if op not in NOT_HOMOGENEOUS or act_name not in reported:
             continue
         assert before not in chain_of or chain_of.get(before) != chain_of.get(after), (before, after)
-        _, activation_input = _inputs_of(reference, x64, act_name)
+        _, activation_input = _watched(reference, x64, act_name, side="input")
         if op == "relu6" and not bool((activation_input > 0).any()):
             continue  # dead on this input: homogeneous here, so no shift can tell
         # Watched at the layer after the barrier: downstream ops (a dead ReLU) may hide it from the output.
-        _, base_after = _outputs(reference, x64, after)
+        _, base_after = _watched(reference, x64, after)
         moved = 0.0
         for decades in (3.0, -3.0):  # far enough to cross ReLU6's 6 for the activations seen
             shifted = _shift(reference, [(before, bn), (after, None)], [decades, -decades])
-            moved = max(moved, _relative(base_after, _outputs(shifted, x64, after)[1]))
+            moved = max(moved, _relative(base_after, _watched(shifted, x64, after)[1]))
         assert moved > 1e-6, ("a reported barrier is homogeneous after all", act_name, op, program)
         TALLY["barrier_claims"] += 1
     gradient = report.summary.gradient

@@ -82,13 +82,44 @@ def _quiet_torch() -> None:
     logging.getLogger("torch").setLevel(logging.ERROR)
 
 
+# Commands that hold nothing but their output once they return: the console script ends them
+# without the interpreter's teardown (0.6 s after a ResNet-50 audit, a tenth of the whole run:
+# collecting the objects torch.export.load made, and torch's own finalizers). Training commands
+# (finetune, experiment, demo) keep the normal exit: their process groups and loggers clean up.
+FAST_EXIT_COMMANDS = frozenset({"audit", "check", "balance", "export", "schema"})
+
+
+def _exit_now(code: object) -> None:
+    """SystemExit's meaning of `code` (None: 0, a string: printed, then 1), everything flushed."""
+    import logging
+    import os
+
+    if isinstance(code, str):
+        sys.stderr.write(code + "\n")
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it anyway
+            pass
+    os._exit(code if isinstance(code, int) else 0)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point; `wssi-audit MODEL ...` is short for `wssi-audit audit MODEL ...`."""
     args = list(sys.argv[1:] if argv is None else argv)
     end = args.index("--") if "--" in args else len(args)
     if DEBUG not in args[:end]:
         _quiet_torch()
-    app(args=args, prog_name="wssi-audit")
+    command = normalize_arguments(args, set(COMMAND_MODULES))
+    command = [a for a in command if a != DEBUG][:1]
+    try:
+        app(args=args, prog_name="wssi-audit")
+    except SystemExit as done:
+        if argv is None and command and command[0] in FAST_EXIT_COMMANDS:
+            _exit_now(done.code)
+        raise
 
 
 if __name__ == "__main__":
