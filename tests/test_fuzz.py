@@ -14,7 +14,7 @@ Claims checked on each random network:
 * and the audit's own self-check reports no failed chain (its claims are true).
 
 Normal suite: WSSI_FUZZ_EXAMPLES networks (default 30). The longer run recorded in
-docs/reliability.md:  WSSI_FUZZ_EXAMPLES=1000 pytest tests/test_fuzz.py -q -s
+docs/reliability.md:  WSSI_FUZZ_EXAMPLES=500 pytest tests/test_fuzz.py -q -s
 """
 
 from __future__ import annotations
@@ -204,10 +204,17 @@ def _module(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name)
 
 
-def _shift(model: nn.Module, layers: list[tuple[str, str | None]], log10_g: list[float]) -> nn.Module:
+def _shift(
+    model: nn.Module,
+    layers: list[tuple[str, str | None]],
+    log10_g: list[float],
+    carried: dict[str, list[tuple[str, str | None]]] | None = None,
+) -> nn.Module:
     """A float64 copy with W_l -> g_l W_l and b_l -> c_l b_l (c_l = prod_{k<=l} g_k, science.md s.1).
     A layer with a folded BatchNorm keeps W, b and the statistics: its gamma and beta carry the shift,
-    beta' = (c_l - g_l) a (b - mean) + c_l beta with a = gamma / sqrt(var + eps)."""
+    beta' = (c_l - g_l) a (b - mean) + c_l beta with a = gamma / sqrt(var + eps). The layers a chain
+    layer carries (the report's `carried`: input and output both scaled by its c_l) keep W and scale
+    b by c_l; with a folded BatchNorm, its running mean and beta scale by c_l."""
     shifted = copy.deepcopy(model).double()
     cumulative = 0.0
     with torch.no_grad():
@@ -215,6 +222,13 @@ def _shift(model: nn.Module, layers: list[tuple[str, str | None]], log10_g: list
             cumulative += log_g
             g = 10.0**log_g
             c = 1.0 if position == len(layers) - 1 else 10.0**cumulative
+            for rider_name, rider_bn in (carried or {}).get(name, []):
+                rider = _module(shifted, rider_name)
+                if rider.bias is not None:
+                    rider.bias.mul_(c)
+                if rider_bn is not None:
+                    _module(shifted, rider_bn).running_mean.mul_(c)
+                    _module(shifted, rider_bn).bias.mul_(c)
             layer = _module(shifted, name)
             if bn_name is None:
                 layer.weight.mul_(g)
@@ -285,8 +299,9 @@ def test_random_architectures_make_no_false_claim(program: list[tuple], seed: in
         draws = (torch.rand(len(pairs), generator=rng, dtype=torch.float64) * 2 - 1).tolist()
         factors = [d - sum(draws) / len(draws) for d in draws]
         end = pairs[-1][1] or pairs[-1][0]
+        riders = {k: [(r, layer_of[r].folded_bn) for r in v] for k, v in chain.carried.items()}
         base_out, base_end = _watched(reference, x64, end)
-        out, end_value = _watched(_shift(reference, pairs, factors), x64, end)
+        out, end_value = _watched(_shift(reference, pairs, factors, riders), x64, end)
         assert _relative(base_end, end_value) <= TOLERANCE, ("false chain", chain.layers, program)
         assert _relative(base_out, out) <= 1e-6, ("false chain at the output", chain.layers, program)
         TALLY["chain_claims"] += 1

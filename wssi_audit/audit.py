@@ -120,6 +120,7 @@ def analyze_graph(
                 verification_error=check.error if check else None,
                 verification_power=check.power if check else None,
                 verification_reason=check.reason if check else "verification skipped",
+                carried={layer.name: [r.name for r in layer.carried] for layer in chain.layers if layer.carried},
             )
         )
 

@@ -10,7 +10,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .report import LayerRecord, Report
+from .report import ChainRecord, LayerRecord, Report
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -19,6 +19,19 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     if math.isnan(value):
         return "non-finite"
     return f"{value:.{digits}f}"
+
+
+def _chain_lines(chain: ChainRecord, layer_of: dict[str, LayerRecord]) -> tuple[list[str], list[str]]:
+    """The chains table's layer lines and their norms; a carried layer (its bias scales with the
+    chain, its weight stays) on a line of its own under the layer carrying it, without a norm."""
+    names, logs = [], []
+    for name in chain.layers:
+        names.append(name)
+        logs.append(_layer_log(layer_of[name]))
+        for rider in chain.carried.get(name, []):
+            names.append(f"  + {rider} (carried)")
+            logs.append("")
+    return names, logs
 
 
 def _layer_log(layer: LayerRecord) -> str:
@@ -107,10 +120,11 @@ def render_console(report: Report, console: Console, *, layers: bool = False, ex
     for column in ("log10 N", "imbalance", "wd excess", "verified"):
         chains.add_column(column, justify="right")
     for chain in report.chains:
+        names, logs = _chain_lines(chain, layer_of)
         chains.add_row(
             str(chain.id),
-            Text("\n".join(chain.layers)),
-            "\n".join(_layer_log(layer_of[n]) for n in chain.layers),
+            Text("\n".join(names)),
+            "\n".join(logs),
             _fmt(chain.log10_intrinsic_norm, 2),
             _fmt(chain.imbalance_decades, 2),
             _fmt(chain.wd_excess, 2),
@@ -212,8 +226,10 @@ def render_markdown(report: Report) -> str:
         norms = " ".join(_layer_log(layer_of[n]) for n in chain.layers)
         verified = VERIFICATION_STYLE.get(chain.verification, (chain.verification, ""))[0]
         verified = "**FAILED**" if chain.verification == "failed" else verified
+        riders = [f"{name} (+ {', '.join(chain.carried[name])} carried)" if name in chain.carried else name
+                  for name in chain.layers]  # fmt: skip
         out.append(
-            f"| {chain.id} | {', '.join(chain.layers)} | {norms} | {_fmt(chain.log10_intrinsic_norm, 2)} | "
+            f"| {chain.id} | {', '.join(riders)} | {norms} | {_fmt(chain.log10_intrinsic_norm, 2)} | "
             f"{_fmt(chain.imbalance_decades, 2)} | {_fmt(chain.wd_excess, 2)} | {verified} |"
         )
     if report.residual_blocks:

@@ -43,6 +43,10 @@ class ChainRecord:
     verification_error: float | None = None  # largest relative change under the compensated shifts
     verification_power: float | None = None  # relative change under the uncompensated control
     verification_reason: str = ""
+    # chain layer -> the layers it carries (parallel paths that split from it and rejoin before
+    # the next one: Res2Net's branch convs, a one-conv residual branch). A shift of the chain keeps
+    # their weights and scales their biases (folded BatchNorm's mean and beta) by that layer's c.
+    carried: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
