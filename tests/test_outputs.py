@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import fields
 from importlib.resources import files
@@ -199,3 +200,40 @@ def test_unchecked_chains_get_advice_that_fits_why() -> None:
     assert "without --no-verify" in skipped["not_verified"].action
     no_input = {f.code: f for f in audit(model, None, measure=False).findings}
     assert "--input-shape" in no_input["not_verified"].action
+
+
+class _OneConvResidual(torch.nn.Module):
+    """conv -> conv -> x + conv1x1(x) -> linear: the chain runs through the add, carrying the 1x1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(2, 3, 3), torch.nn.Conv2d(3, 3, 1)
+        self.branch, self.head = torch.nn.Conv2d(3, 3, 1), torch.nn.Linear(3 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.b(self.a(x))
+        return self.head(torch.flatten(x + self.branch(x), 1))
+
+
+def test_a_chain_names_the_layers_it_carries_and_the_claim_holds_with_them() -> None:
+    """The report lists the carried layer; shifting the listed layers and scaling the carried
+    layer's bias (the documented rule) leaves the output unchanged, the listed layers alone do not."""
+    from wssi_audit.render import render_markdown, render_text
+
+    torch.manual_seed(0)
+    model, x = _OneConvResidual().eval().double(), torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    report = audit(model, (x,), measure=False)
+    chain = next(c for c in report.chains if len(c.layers) > 1)
+    assert chain.layers == ["a", "b", "head"] and chain.carried == {"b": ["branch"]}
+    assert "+ branch (carried)" in render_text(report) and "b (+ branch carried)" in render_markdown(report)
+    base = model(x)
+    shifted = copy.deepcopy(model)
+    with torch.no_grad():  # factors 10, 10, 1/100: c = 10 after a, 100 after b
+        shifted.a.weight.mul_(10), shifted.a.bias.mul_(10)
+        shifted.b.weight.mul_(10), shifted.b.bias.mul_(100)
+        shifted.head.weight.mul_(0.01)
+        without = shifted(x)
+        shifted.branch.bias.mul_(100)
+        with_carried = shifted(x)
+    assert float((with_carried - base).abs().max()) < 1e-10 * float(base.abs().max())
+    assert float((without - base).abs().max()) > 1e-3 * float(base.abs().max())
