@@ -94,7 +94,8 @@ def unverifiable_chains(report: Report) -> list[FindingRecord]:
 # Why chains were not checked (the start of the verification note) -> what to do about it.
 NOT_VERIFIED_ACTIONS = {
     "verification skipped": "audit without --no-verify (verify=True) to check every chain",
-    "verification could not run": "the model did not run in the check (see the note); audit it with --debug",
+    "verification could not run": "the model failed to run in the check (the note says why): give an input it runs "
+    "on (--input-shape), or report the op that failed",
 }
 NO_INPUT_ACTION = "give an example input shape (--input-shape 1,3,224,224) so every chain is checked"
 
