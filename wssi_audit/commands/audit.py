@@ -35,7 +35,9 @@ IMPORTS = typer.Option([], "--import", help="Import a module first (makes pickle
 METHOD = typer.Option("auto", "--trace", help="How to trace an nn.Module: auto, fx or export.")
 SEED = typer.Option(0, "--seed", help="Seed of the random inputs and the random scale shifts.")
 MEASURE = typer.Option(
-    True, "--measure/--no-measure", help="Measure ||dy/dx|| at the example input (a backward pass or a few)."
+    True,
+    "--measure/--no-measure",
+    help="Measure ||dy/dx|| at the example input (3 backward and 3 forward-mode passes).",
 )
 DATA = typer.Option(
     None,
