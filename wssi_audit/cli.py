@@ -112,12 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     end = args.index("--") if "--" in args else len(args)
     if DEBUG not in args[:end]:
         _quiet_torch()
-    command = normalize_arguments(args, set(COMMAND_MODULES))
-    command = [a for a in command if a != DEBUG][:1]
+    command = next((a for a in normalize_arguments(args, set(COMMAND_MODULES)) if a != DEBUG), None)
     try:
         app(args=args, prog_name="wssi-audit")
     except SystemExit as done:
-        if argv is None and command and command[0] in FAST_EXIT_COMMANDS:
+        if argv is None and command in FAST_EXIT_COMMANDS:
             _exit_now(done.code)
         raise
 

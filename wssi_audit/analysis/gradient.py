@@ -83,7 +83,7 @@ def _chunks(points: torch.Tensor, example: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _as_vector(values: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    return torch.cat([v.detach().reshape(-1).to(torch.float64) for v in values])
+    return _flat([v.detach() for v in values]).to(torch.float64)
 
 
 def _like(vector: torch.Tensor, primal: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

@@ -102,11 +102,11 @@ def _problem(weight: torch.Tensor, axes: tuple[Axis, ...], groups: int) -> Probl
 _COARSE = (0.0, math.pi, math.pi / 2)  # in the order they are tried when few can be
 
 
-def _execute(problem: Problem | None, plan: Plan | None, seed: int, lower: bool = True) -> NormBound:
+def _execute(problem: Problem | None, plan: Plan | None, seed: int, want_lower: bool = True) -> NormBound:
     if problem is None or plan is None:
         return NormBound(0.0, 0.0, "zero")
     with one_thread():
-        return _execute_plan(problem, plan, seed, lower)
+        return _execute_plan(problem, plan, seed, want_lower)
 
 
 def _execute_plan(problem: Problem, plan: Plan, seed: int, want_lower: bool) -> NormBound:
