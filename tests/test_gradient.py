@@ -95,3 +95,80 @@ def test_three_steps_beat_three_power_iteration_steps() -> None:
         u = jacobian @ (w / w.norm())
         best = max(best, float(u.norm()))
     assert measured is not None and measured >= math.log10(best) - 1e-6
+
+
+class _Scale(torch.autograd.Function):
+    """y = 3 x with a backward that cannot be differentiated again (as some ops' backward cannot)
+    and a forward-mode rule `tangent_factor` times the true one."""
+
+    tangent_factor = 1.0
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return 3 * x
+
+    @staticmethod
+    def setup_context(ctx: object, inputs: object, output: object) -> None:
+        pass
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return 3 * grad
+
+    @staticmethod
+    def jvp(ctx: object, tangent: torch.Tensor) -> torch.Tensor:
+        return 3 * _Scale.tangent_factor * tangent
+
+
+def _scaled_network(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(_Scale.apply(x) @ weight).reshape(-1)
+
+
+def test_an_op_without_double_backward_is_measured_in_forward_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The double-backward product raises on the once-differentiable op; the step falls back to
+    forward mode and the figure is still the exact norm (dense Jacobian, computed here)."""
+    from wssi_audit.analysis.gradient import _bidiagonalization
+
+    monkeypatch.setattr(_Scale, "tangent_factor", 1.0)
+    torch.manual_seed(1)
+    x, weight = torch.randn(1, 6), torch.randn(6, 3)
+    jacobian = torch.autograd.functional.jacobian(lambda v: torch.tanh(3 * v @ weight).reshape(-1), x)
+    exact = float(torch.linalg.matrix_norm(jacobian.reshape(3, 6).double(), ord=2))
+    value, note, steps = _bidiagonalization(lambda v: _scaled_network(v, weight), (x,), steps=6, seed=0)
+    assert value is not None, note
+    assert abs(value - exact) < 1e-5 * exact and steps <= 3
+
+
+def test_a_forward_product_that_is_not_the_backwards_transpose_is_not_measured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The control of the adjoint check: a forward-mode rule twice the truth (so J w is not the
+    transpose of what the backward applies) gives no figure, where it would give a wrong one."""
+    from wssi_audit.analysis.gradient import _bidiagonalization
+
+    monkeypatch.setattr(_Scale, "tangent_factor", 2.0)
+    torch.manual_seed(1)
+    x, weight = torch.randn(1, 6), torch.randn(6, 3)
+    value, note, _ = _bidiagonalization(lambda v: _scaled_network(v, weight), (x,), steps=6, seed=0)
+    assert value is None and "disagree" in note
+
+
+def test_an_output_that_does_not_depend_on_the_input_measures_zero() -> None:
+    from wssi_audit.analysis.gradient import _bidiagonalization
+
+    value, note, _ = _bidiagonalization(lambda v: torch.ones(4), (torch.randn(1, 3),), steps=3, seed=0)
+    assert value == 0.0 and note == ""
+
+
+def test_convolutions_pools_and_batchnorm_take_the_double_backward_path() -> None:
+    """The cheap product is the one that runs on ordinary layers: no fall back to forward mode."""
+    from wssi_audit.analysis.gradient import _Products
+
+    model, x = _network(5, 6, 1, conv=True)
+    model = torch.nn.Sequential(torch.nn.MaxPool2d(1), *model).eval()
+    products = _Products(lambda v: model(v).reshape(-1), (x,))
+    direction = (torch.randn_like(x),)
+    image = products.push(direction)
+    assert not products.forward_mode
+    assert torch.allclose(image, torch.func.jvp(lambda v: model(v).reshape(-1), (x,), direction)[1], atol=1e-5)
