@@ -77,12 +77,14 @@ def spectral_norms(matrices: list[torch.Tensor], iterations: int = 50, tol: floa
     result = [0.0] * len(matrices)
     generator = torch.Generator().manual_seed(0)
     for (rows, cols), indices in by_shape.items():
-        stack = torch.cat([matrices[i] for i in indices])  # (sum groups, m, n)
-        vector = torch.ones(stack.shape[0], cols, 1, dtype=stack.dtype)
-        vector += 0.1 * torch.randn(vector.shape, generator=generator, dtype=stack.dtype)
+        parts = [matrices[i] for i in indices]
+        count, dtype = sum(part.shape[0] for part in parts), parts[0].dtype
+        vector = torch.ones(count, cols, 1, dtype=dtype)
+        vector += 0.1 * torch.randn(vector.shape, generator=generator, dtype=dtype)
         if min(rows, cols) <= GRAM_MAX_SIDE:
-            sigma = _power_iteration_gram(stack, vector, iterations, tol)
+            sigma = _power_iteration_gram(parts, vector, iterations, tol)
         else:
+            stack = parts[0] if len(parts) == 1 else torch.cat(parts)  # (sum groups, m, n)
             sigma = _power_iteration(stack, vector, iterations, tol)
         offset = 0
         for i in indices:
@@ -123,17 +125,19 @@ def _power_iteration(stack: torch.Tensor, vector: torch.Tensor, iterations: int,
     return sigma
 
 
-def _power_iteration_gram(stack: torch.Tensor, vector: torch.Tensor, iterations: int, tol: float) -> torch.Tensor:
-    """The iterates of `_power_iteration`, computed on the smaller Gram matrix.
+def _power_iteration_gram(parts: list[torch.Tensor], vector: torch.Tensor, iterations: int, tol: float) -> torch.Tensor:
+    """The iterates of `_power_iteration` on the stack of `parts` (each (groups, m, n), one shape),
+    computed on the smaller Gram matrices, formed part by part (no copy of the weights).
 
     Column side (cols <= rows): G = A^T A, sigma_k = sqrt(v_k^T G v_k). Row side: track
     u_k = A v_k with H = A A^T; ||v_{k+1}||^2 = u_k^T H u_k normalises the next u.
     """
-    previous = torch.zeros(stack.shape[0], dtype=stack.dtype)
+    previous = torch.zeros(vector.shape[0], dtype=vector.dtype)
     sigma = previous
     vector = _unit(vector)
-    if stack.shape[2] <= stack.shape[1]:
-        gram = torch.bmm(stack.transpose(1, 2), stack)
+    rows, cols = parts[0].shape[1:]
+    if cols <= rows:
+        gram = torch.cat([torch.bmm(part.transpose(1, 2), part) for part in parts])
         for _ in range(iterations):
             product = _matmul(gram, vector)
             sigma = (vector * product).sum(dim=(1, 2)).clamp_min(0.0).sqrt()
@@ -142,8 +146,9 @@ def _power_iteration_gram(stack: torch.Tensor, vector: torch.Tensor, iterations:
             previous = sigma
             vector = _unit(product)
         return sigma
-    gram = torch.bmm(stack, stack.transpose(1, 2))
-    image = _matmul(stack, vector)  # A v_0, ||v_0|| = 1
+    gram = torch.cat([torch.bmm(part, part.transpose(1, 2)) for part in parts])
+    starts = torch.split(vector, [part.shape[0] for part in parts])
+    image = torch.cat([_matmul(part, start) for part, start in zip(parts, starts)])  # A v_0, ||v_0|| = 1
     for _ in range(iterations):
         sigma = image.norm(dim=(1, 2))
         product = _matmul(gram, image)

@@ -23,9 +23,33 @@ class _Evaluate(nn.Module):
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__()
         self.gm = gm
+        self.schedule = _Schedule(gm)  # get_attr is looked up at run time: it sees the swapped tensors
 
     def forward(self, plan: _Plan, inputs: Sequence[Any]) -> dict[str, Any]:
-        return plan.execute(self.gm, inputs)
+        return plan.execute(self.schedule, inputs)
+
+
+class _Schedule:
+    """A GraphModule's nodes in order, each one's position and last reader: worked out once, not
+    per run (a self-check runs a graph's segments dozens of times)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.position = {node.name: index for index, node in enumerate(self.nodes)}
+        self.last_use: dict[fx.Node, int] = {}
+        for index, node in enumerate(self.nodes):
+            for source in node.all_input_nodes:
+                self.last_use[source] = index
+        self.placeholders = [node for node in self.nodes if node.op == "placeholder"]
+        self.interpreter = fx.Interpreter(gm)
+
+    def order(self, needed: set[str] | None) -> list[fx.Node]:
+        """The nodes a run evaluates, placeholders first (they bind the inputs in order)."""
+        if needed is None:
+            return self.nodes
+        chosen = sorted(self.position[name] for name in needed if name in self.position)
+        return [*self.placeholders, *(self.nodes[i] for i in chosen if self.nodes[i].op != "placeholder")]
 
 
 class _Plan:
@@ -34,34 +58,57 @@ class _Plan:
     def __init__(self, needed: set[str] | None, given: Mapping[str, Any], capture: Collection[str]) -> None:
         self.needed, self.given, self.capture = needed, given, set(capture)
 
-    def execute(self, gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[str, Any]:
-        interpreter = fx.Interpreter(gm)
+    def execute(
+        self, schedule: _Schedule, inputs: Sequence[Any], attributes: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, Any]:
+        """Run the plan; `attributes`: values for get_attr targets, in place of the module's own."""
+        interpreter = schedule.interpreter
         env: dict[fx.Node, Any] = {}
         interpreter.env = env
         flat = iter(torch.utils._pytree.tree_flatten(tuple(inputs))[0])
-        nodes = list(gm.graph.nodes)
-        last_use: dict[fx.Node, int] = {}
-        for index, node in enumerate(nodes):
-            for source in node.all_input_nodes:
-                last_use[source] = index
+        attributes = attributes or {}
         kept: dict[str, Any] = {}
-        for index, node in enumerate(nodes):
-            if node.op == "placeholder":
-                env[node] = next(flat, None)
-            elif self.needed is not None and node.name not in self.needed:
-                continue
-            elif node.name in self.given:
-                env[node] = _copy(self.given[node.name])  # the segment may write into it in place
-            elif node.op == "output":
-                kept[node.name] = interpreter.fetch_args_kwargs_from_env(node)[0][0]
-            else:
-                env[node] = interpreter.run_node(node)
-            if node.name in self.capture and node in env:
-                kept[node.name] = _copy(env[node])  # later in-place ops (relu_, +=) must not change it
-            for source in node.all_input_nodes:
-                if last_use.get(source) == index and source.op != "placeholder":
-                    env.pop(source, None)
+        try:
+            for node in schedule.order(self.needed):
+                if node.op == "placeholder":
+                    env[node] = next(flat, None)
+                elif node.name in self.given:
+                    env[node] = _copy(self.given[node.name])  # the segment may write into it in place
+                elif node.op == "output":
+                    kept[node.name] = interpreter.fetch_args_kwargs_from_env(node)[0][0]
+                elif node.op == "get_attr" and node.target in attributes:
+                    env[node] = attributes[node.target]
+                else:
+                    env[node] = interpreter.run_node(node)
+                if node.name in self.capture and node in env:
+                    kept[node.name] = _copy(env[node])  # later in-place ops (relu_, +=) must not change it
+                index = schedule.position[node.name]
+                for source in node.all_input_nodes:
+                    if schedule.last_use.get(source) == index and source.op != "placeholder":
+                        env.pop(source, None)
+        finally:
+            interpreter.env = {}
         return kept
+
+
+def _attribute_aliases(gm: fx.GraphModule) -> dict[str, list[str]] | None:
+    """Each get_attr target -> every get_attr target holding the same tensor (tied weights), when
+    the graph reads all its tensors through get_attr; None when a called submodule owns tensors of
+    its own (a symbolic trace's leaf modules): then only functional_call can swap them."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            owner = gm.get_submodule(str(node.target))
+            if next(owner.parameters(), None) is not None or next(owner.buffers(), None) is not None:
+                return None
+    targets: dict[int, list[str]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = gm
+            for part in str(node.target).split("."):
+                value = getattr(value, part)
+            if torch.is_tensor(value) and str(node.target) not in targets.setdefault(id(value), []):
+                targets[id(value)].append(str(node.target))
+    return {target: group for group in targets.values() for target in group}
 
 
 def _copy(value: Any) -> Any:
@@ -100,6 +147,7 @@ class FxRunner(Runner):
             ):
                 self._from_parameters.add(node.name)
         self._keys: set[str] | None = None
+        self._aliases: dict[str, list[str]] | None = None
         self._proven = False  # a first run succeeded in `dtype`
 
     def _ready(self) -> _Evaluate:
@@ -107,6 +155,7 @@ class FxRunner(Runner):
             module = copy.deepcopy(self._source).to(self.dtype).eval()
             self._module = _Evaluate(module)
             self._keys = {k for k, _ in module.named_parameters()} | {k for k, _ in module.named_buffers()}
+            self._aliases = _attribute_aliases(module)
             self._inputs = tuple(
                 x.to(self.dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in self._original_inputs
             )
@@ -132,6 +181,10 @@ class FxRunner(Runner):
         unknown = set(overrides) - self._keys
         if unknown:
             raise KeyError(f"tensors not in the traced module: {', '.join(sorted(unknown)[:5])}")
+        if self._aliases is not None and all(k in self._aliases for k in overrides):
+            attributes = {alias: v.to(self.dtype) for k, v in overrides.items() for alias in self._aliases[k]}
+            with torch.no_grad():
+                return plan.execute(module.schedule, self._inputs, attributes)
         swapped = {f"gm.{k}": v.to(self.dtype) for k, v in overrides.items()}
         with torch.no_grad():
             return functional_call(module, swapped, (plan, self._inputs), strict=False)
