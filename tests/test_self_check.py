@@ -160,3 +160,49 @@ def test_an_all_zero_layer_is_zero_not_non_finite(tmp_path: Path) -> None:
     assert layer["status"] == "zero" and layer["log10_frobenius"] is None and layer["frobenius"] == 0.0
     codes = {f["code"]: f["severity"] for f in document["findings"]}
     assert codes.get("zero_layer") == "warning" and "non_finite_weights" not in codes
+
+
+class _Tied(nn.Module):
+    """Two layers sharing one weight tensor: swapping it must reach both uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def _only(value: object) -> torch.Tensor:
+    while isinstance(value, (tuple, list)):
+        (value,) = value
+    assert isinstance(value, torch.Tensor)
+    return value
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_the_runners_two_ways_of_swapping_tensors_agree(method: str) -> None:
+    """The self-check swaps tensors at get_attr (torch.export graphs) or by functional_call
+    (leaf modules of a symbolic trace); both give the module's own output with the tensor really
+    replaced, tied uses included (the reference: the module itself with the weight assigned)."""
+    from wssi_audit.frontends import graph_from_module
+
+    torch.manual_seed(0)
+    model, x = _Tied().eval(), torch.randn(3, 4)
+    graph = graph_from_module(model, (x,), method)
+    graph.runner.run({})
+    direct = graph.runner._aliases is not None  # type: ignore[attr-defined]
+    assert direct == (method == "export")
+    key = next(k for k in graph.tensors if k.endswith("weight"))
+    replacement = torch.randn(4, 4, dtype=torch.float64)
+    swapped = _only(graph.runner.run({key: replacement})[graph.runner.OUTPUT])
+    with torch.no_grad():
+        model.a.weight.copy_(replacement.float())
+        expected = model.double()(x.double())
+    assert torch.allclose(swapped, expected, atol=1e-12)
+    if direct:  # the other way, on the same graph, agrees
+        graph.runner._aliases = None  # type: ignore[attr-defined]
+        again = _only(graph.runner.run({key: replacement})[graph.runner.OUTPUT])
+        assert torch.allclose(again, swapped, atol=1e-12)
