@@ -23,8 +23,8 @@ diagonal (the max over groups); a folded BatchNorm is already in the weight the 
 The upper bound is proven: each block's largest eigenvalue is bounded by a Cholesky test with
 Rump's rounding margins (psd_bound). The lower value is the Rayleigh quotient ||A z|| / ||z|| of
 an explicit input z (the top eigenvector, or a windowed plane wave at the worst frequency;
-conv_lower), so lower <= ||A|| <= upper. The computations run on one torch thread
-(psd_bound.one_thread), restored afterwards.
+conv_lower), so lower <= ||A|| <= upper. The computations run on torch's threads, as the rest
+of the audit does: the rounding margins hold for any summation order.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from .conv_gram import gram_blocks
 from .conv_lower import lower_estimate
 from .conv_plans import Folded, Plan, Problem, allocate, choose_plan, fold
 from .deflated_bound import deflated_norm_bound
-from .psd_bound import UNIT_ROUNDOFF, certified_top_eigenvalue, one_thread
+from .psd_bound import UNIT_ROUNDOFF, certified_top_eigenvalue
 
 # Rough float64 operations one layer (DEFAULT_BUDGET) or a whole model (DEFAULT_MODEL_BUDGET)
 # may spend; beyond it, cheaper plans (still proven upper bounds, looser) are used.
@@ -105,8 +105,7 @@ _COARSE = (0.0, math.pi, math.pi / 2)  # in the order they are tried when few ca
 def _execute(problem: Problem | None, plan: Plan | None, seed: int, want_lower: bool = True) -> NormBound:
     if problem is None or plan is None:
         return NormBound(0.0, 0.0, "zero")
-    with one_thread():
-        return _execute_plan(problem, plan, seed, want_lower)
+    return _execute_plan(problem, plan, seed, want_lower)
 
 
 def _execute_plan(problem: Problem, plan: Plan, seed: int, want_lower: bool) -> NormBound:
@@ -241,11 +240,6 @@ def operator_norms(
     geometry is computed once; every layer is seeded alike, so results do not depend on order.
     `lower=False`: upper bounds only (the audit's case), lower values None where they would
     need a search of their own."""
-    with one_thread():
-        return _operator_norms(layers, budget, lower)
-
-
-def _operator_norms(layers: Sequence[LayerSpec], budget: float, lower: bool) -> list[NormBound]:
     keys = [_key(spec) for spec in layers]
     unique = list(dict.fromkeys(keys))
     specs = dict(zip(keys, layers))

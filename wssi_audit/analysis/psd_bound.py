@@ -13,29 +13,13 @@ matrices up to 10^4 rows, so the proven bound is as tight as the estimate.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 UNIT_ROUNDOFF = 2.0**-53
 SMALL = 32  # matrices up to this size get a full eigendecomposition instead of Krylov estimates
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one CPU thread, then restore the setting. On the shared 2-core machine the
-    bounds were developed on, torch's batched LAPACK calls (Cholesky, eigh, QR of many small
-    matrices) ran 5-40x slower on 2 threads than on 1 (8 x 40x40 complex eigh: 94 ms vs 6 ms;
-    113 x 256^2 Cholesky: 1086 ms vs 268 ms), and whole-model timings on 2 threads varied
-    3-7x between runs; on 1 thread they were stable and never slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def qr(matrix: torch.Tensor) -> torch.Tensor:
