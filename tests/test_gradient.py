@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from wssi_audit.analysis.gradient import measured_log10_gradient
@@ -54,6 +54,8 @@ def _exact_log10(model: torch.nn.Module, x: torch.Tensor) -> float:
     conv=st.booleans(),
     steps=st.integers(1, 6),
 )
+# a late step's J w at 4e-6 of ||J||: its float32 rounding is at ||J||'s scale, not its own
+@example(seed=5437, width=12, depth=3, conv=False, steps=6)
 def test_measured_gradient_never_exceeds_the_exact_jacobian_norm(
     seed: int, width: int, depth: int, conv: bool, steps: int
 ) -> None:

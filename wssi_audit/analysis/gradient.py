@@ -101,14 +101,17 @@ def _like(vector: torch.Tensor, primal: tuple[torch.Tensor, ...]) -> tuple[torch
     return tuple(parts)
 
 
-# |u . (J w) - (J^T u) . w| allowed, relative to ||J w|| (float32 products: ~1e-6 of it).
+# |u . (J w) - (J^T u) . w| allowed for unit u and w, relative to the larger of ||J w|| and the
+# largest ||J^T u|| seen: float32 products round at the scale of ||J||, not of their own result, so a
+# late Lanczos step whose J w is 1e-5 of ||J|| still carries ~1e-7 ||J|| of rounding (~1e-6 of the scale).
 ADJOINT_TOLERANCE = 1e-3
 
 
-def _adjoint(u: torch.Tensor, z: torch.Tensor, expected: float) -> bool:
+def _adjoint(u: torch.Tensor, z: torch.Tensor, expected: float, scale: float) -> bool:
     """u . (J w) against (J^T u) . w = `expected`: do the two products apply one map and its transpose?"""
     image = z.reshape(-1).to(torch.float64)
-    return abs(float(u.reshape(-1).to(torch.float64) @ image) - expected) <= ADJOINT_TOLERANCE * float(image.norm())
+    error = abs(float(u.reshape(-1).to(torch.float64) @ image) - expected)
+    return error <= ADJOINT_TOLERANCE * max(float(image.norm()), scale)
 
 
 class _Products:
@@ -188,14 +191,13 @@ def _bidiagonalization(
                     break
                 direction = _like(w / residual, primal)
                 z = products.push(direction)
-                if not _adjoint(u, z, residual) and not products.forward_mode:
-                    products.forward_mode = (
-                        True  # the double backward missed a path: a backward not differentiable again
-                    )
+                if not _adjoint(u, z, residual, best) and not products.forward_mode:
+                    # the double backward missed a path: a backward that is not differentiable again
+                    products.forward_mode = True
                     z = products.push(direction)
                 if not math.isfinite(float(z.norm())):
                     return not_finite
-                if not _adjoint(u, z, residual):
+                if not _adjoint(u, z, residual, best):
                     return None, "not measured: J w and J^T u disagree (u . J w != J^T u . w)", 0
                 directions.append(_as_vector(direction))
                 images.append(z.reshape(-1).to(torch.float64))
