@@ -103,7 +103,7 @@ def _like(vector: torch.Tensor, primal: tuple[torch.Tensor, ...]) -> tuple[torch
 
 # |u . (J w) - (J^T u) . w| allowed for unit u and w, relative to the larger of ||J w|| and the
 # largest ||J^T u|| seen: float32 products round at the scale of ||J||, not of their own result, so a
-# late Lanczos step whose J w is 1e-5 of ||J|| still carries ~1e-7 ||J|| of rounding (~1e-6 of the scale).
+# late Lanczos step whose J w is 4e-6 of ||J|| carries rounding of ~1e-8 ||J||, a quarter of its own size.
 ADJOINT_TOLERANCE = 1e-3
 
 
