@@ -8,6 +8,7 @@ internal node names. The graph runs in a private float64 copy, made on first use
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -20,10 +21,10 @@ from ..ir import Runner
 class _Evaluate(nn.Module):
     """Holds the GraphModule so that torch.func.functional_call can swap its tensors for one run."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, functional: bool) -> None:
         super().__init__()
         self.gm = gm
-        self.schedule = _Schedule(gm)  # get_attr is looked up at run time: it sees the swapped tensors
+        self.schedule = _Schedule(gm, functional)  # get_attr is looked up at run time: it sees the swapped tensors
 
     def forward(self, plan: _Plan, inputs: Sequence[Any]) -> dict[str, Any]:
         return plan.execute(self.schedule, inputs)
@@ -31,9 +32,10 @@ class _Evaluate(nn.Module):
 
 class _Schedule:
     """A GraphModule's nodes in order, each one's position and last reader: worked out once, not
-    per run (a self-check runs a graph's segments dozens of times)."""
+    per run (a self-check runs a graph's segments dozens of times). `functional`: no node writes
+    into a tensor, so given and kept values need no copies."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, functional: bool) -> None:
         self.gm = gm
         self.nodes = list(gm.graph.nodes)
         self.position = {node.name: index for index, node in enumerate(self.nodes)}
@@ -43,6 +45,7 @@ class _Schedule:
                 self.last_use[source] = index
         self.placeholders = [node for node in self.nodes if node.op == "placeholder"]
         self.interpreter = fx.Interpreter(gm)
+        self.functional = functional
 
     def order(self, needed: set[str] | None) -> list[fx.Node]:
         """The nodes a run evaluates, placeholders first (they bind the inputs in order)."""
@@ -63,6 +66,7 @@ class _Plan:
     ) -> dict[str, Any]:
         """Run the plan; `attributes`: values for get_attr targets, in place of the module's own."""
         interpreter = schedule.interpreter
+        keep = _same if schedule.functional else _copy
         env: dict[fx.Node, Any] = {}
         interpreter.env = env
         flat = iter(torch.utils._pytree.tree_flatten(tuple(inputs))[0])
@@ -73,7 +77,7 @@ class _Plan:
                 if node.op == "placeholder":
                     env[node] = next(flat, None)
                 elif node.name in self.given:
-                    env[node] = _copy(self.given[node.name])  # the segment may write into it in place
+                    env[node] = keep(self.given[node.name])  # the segment may write into it in place
                 elif node.op == "output":
                     kept[node.name] = interpreter.fetch_args_kwargs_from_env(node)[0][0]
                 elif node.op == "get_attr" and node.target in attributes:
@@ -81,7 +85,7 @@ class _Plan:
                 else:
                     env[node] = interpreter.run_node(node)
                 if node.name in self.capture and node in env:
-                    kept[node.name] = _copy(env[node])  # later in-place ops (relu_, +=) must not change it
+                    kept[node.name] = keep(env[node])  # later in-place ops (relu_, +=) must not change it
                 index = schedule.position[node.name]
                 for source in node.all_input_nodes:
                     if schedule.last_use.get(source) == index and source.op != "placeholder":
@@ -113,6 +117,117 @@ def _attribute_aliases(gm: fx.GraphModule) -> dict[str, list[str]] | None:
 
 def _copy(value: Any) -> Any:
     return torch.utils._pytree.tree_map(lambda v: v.clone() if torch.is_tensor(v) else v, value)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _writes_nothing(target: Any) -> bool:
+    """An ATen operator none of whose overloads writes into an argument (schema alias info), or
+    getitem; anything else (a Python function, a higher-order op, `operator.iadd`) may."""
+    if target is operator.getitem:
+        return True
+    if isinstance(target, torch._ops.OpOverload):
+        return not target._schema.is_mutable
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return not any(getattr(target, name)._schema.is_mutable for name in target.overloads())
+    return False
+
+
+# torch.export's input-shape assertions (torch >= 2.9), called as a module that has no tensors
+try:
+    from torch.export._unlift import GuardsFn as _GUARDS
+except ImportError:  # an older torch: no such module in its graphs
+    _GUARDS = ()
+
+
+def _reads_only(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op in ("placeholder", "get_attr", "output"):
+        return True
+    if node.op == "call_function":
+        return _writes_nothing(node.target)
+    return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), _GUARDS)
+
+
+def is_functional(gm: fx.GraphModule) -> bool:
+    """No node can write into a tensor, so values can be shared between runs without copies; a
+    symbolic trace's modules, methods and Python functions (relu_, +=) count as writers."""
+    return all(_reads_only(gm, node) for node in gm.graph.nodes)
+
+
+def _fresh(node: fx.Node) -> bool:
+    """The node's value is storage of its own: an ATen op none of whose results aliases an argument
+    (or an item of such an op's tuple)."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and all(r.alias_info is None for r in target._schema.returns)
+
+
+def _out_of_place_variant(target: Any) -> Any:
+    """aten.relu_.default -> aten.relu.default: an op that writes only its first argument and
+    returns it, and has an out-of-place twin taking the same arguments; else None."""
+    if not isinstance(target, torch._ops.OpOverload) or not target._schema.name.endswith("_"):
+        return None
+    arguments, returns = target._schema.arguments, target._schema.returns
+    writes = [a.alias_info is not None and a.alias_info.is_write for a in arguments]
+    if not arguments or not writes[0] or any(writes[1:]) or len(returns) != 1 or returns[0].alias_info is None:
+        return None
+    name = target._schema.name.split("::")[-1][:-1]
+    twin = getattr(getattr(torch.ops.aten, name, None), target._overloadname, None)
+    if twin is None or [a.name for a in twin._schema.arguments] != [a.name for a in arguments]:
+        return None
+    return twin if not twin._schema.is_mutable else None
+
+
+def functionalize(gm: fx.GraphModule) -> bool:
+    """Turn the in-place ops of torch.export's graphs (relu_, add_) into their out-of-place twins,
+    in place on a private copy, where that cannot change any value: the written tensor is fresh
+    storage, nothing reads it after the write, and nothing made a view of it before. True when
+    the graph then writes nothing (runs share values without copies); a graph it cannot convert
+    whole is left as it was."""
+    nodes = list(gm.graph.nodes)
+    position = {node: index for index, node in enumerate(nodes)}
+    changes: list[tuple[fx.Node, Any]] = []
+    converted: set[fx.Node] = set()
+    for node in nodes:
+        if _reads_only(gm, node) or node.op != "call_function":
+            continue
+        twin = _out_of_place_variant(node.target)
+        written = node.args[0] if node.args else None
+        if (
+            twin is None
+            or not isinstance(written, fx.Node)
+            or not (written in converted or _fresh(written))
+            or any(position[user] > position[node] or not _fresh(user) for user in written.users if user is not node)
+        ):
+            return False
+        changes.append((node, twin))
+        converted.add(node)
+    for node, twin in changes:
+        node.target = twin
+    if changes:
+        gm.recompile()
+    return is_functional(gm)
+
+
+def _converted_copy(gm: fx.GraphModule, dtype: torch.dtype, share: bool = False) -> fx.GraphModule:
+    """deepcopy(gm).to(dtype) without first copying every tensor in its own dtype; `share`: tensors
+    already in `dtype` are shared (detached, no gradient), for a run that writes into none of them."""
+    memo: dict[int, Any] = {}
+    for tensor in [*gm.parameters(), *gm.buffers()]:
+        if id(tensor) in memo:
+            continue
+        value = tensor.detach()
+        if value.is_floating_point():
+            value = value.to(dtype, copy=not share)
+        elif not share:
+            value = value.clone()
+        memo[id(tensor)] = nn.Parameter(value, requires_grad=False) if isinstance(tensor, nn.Parameter) else value
+    return copy.deepcopy(gm, memo).to(dtype).eval()
 
 
 class FxRunner(Runner):
@@ -152,8 +267,8 @@ class FxRunner(Runner):
 
     def _ready(self) -> _Evaluate:
         if self._module is None:
-            module = copy.deepcopy(self._source).to(self.dtype).eval()
-            self._module = _Evaluate(module)
+            module = _converted_copy(self._source, self.dtype)
+            self._module = _Evaluate(module, functionalize(module))
             self._keys = {k for k, _ in module.named_parameters()} | {k for k, _ in module.named_buffers()}
             self._aliases = _attribute_aliases(module)
             self._inputs = tuple(
@@ -235,6 +350,8 @@ class FxRunner(Runner):
         return self._call(overrides, _Plan(needed | boundary, {k: given[k] for k in boundary}, capture))
 
     def differentiable(self) -> tuple[Any, tuple[torch.Tensor, ...]] | None:
-        module = copy.deepcopy(self._source).float().eval()
+        module = _converted_copy(self._source, torch.float32, share=True)
+        if not functionalize(module):  # a node may write into a tensor: the weights are copied
+            module = _converted_copy(self._source, torch.float32)
         inputs = tuple(x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in self._original_inputs)
         return module, inputs
