@@ -22,6 +22,7 @@ from .analysis.metrics import (
 )
 from .analysis.structure import Structure, find_structure
 from .analysis.verify import Verification, global_check_failed, verify_chains
+from .analysis.weights import effective_weight
 from .findings import find
 from .frontends import build_graph
 from .ir import Graph
@@ -75,11 +76,12 @@ def analyze_graph(
     measure_on: torch.Tensor | None = None,
 ) -> Analysis:
     structure = find_structure(graph)
-    norms = layer_norms(structure.layers, graph.tensors)
+    effective = {layer.name: effective_weight(layer, graph.tensors) for layer in structure.layers}
+    norms = layer_norms(structure.layers, graph.tensors, effective_weights=effective)
     chain_of_layer = {layer.name: chain.id for chain in structure.chains for layer in chain.layers}
     homogeneous = homogeneous_layers(structure)
     verification = verify_chains(graph, structure.chains, seed, structure.consumers) if verify else None
-    certified = certified_bound(graph, structure, norms)
+    certified = certified_bound(graph, structure, norms, effective)
 
     layers = [
         LayerRecord(

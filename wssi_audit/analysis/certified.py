@@ -15,13 +15,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ..errors import InputError
 from ..ir import Graph, Node
 from .metrics import NON_FINITE, ZERO, LayerNorms, frobenius_lipschitz, log10_input_gradient_bound
 from .operator_norms import LayerSpec, operator_norms
 from .pool_norms import pool_lipschitz
 from .structure import Structure, WeightLayer
-from .weights import effective_weight
+from .weights import EffectiveWeight, effective_weight
 
 # Ops with an exact Lipschitz constant at their traced sizes: pooling, and means over some axes.
 POOL_OPS = {
@@ -70,8 +72,9 @@ def _captured_shapes(graph: Graph, wanted: set[str]) -> dict[str, Any]:
         return {}
 
 
-def _layer_spec(layer: WeightLayer, graph: Graph, captured: Mapping[str, Any]) -> LayerSpec | None:
-    weight, _ = effective_weight(layer, graph.tensors)
+def _layer_spec(
+    layer: WeightLayer, graph: Graph, captured: Mapping[str, Any], weight: torch.Tensor
+) -> LayerSpec | None:
     node = graph.nodes[layer.node]
     if layer.op == "linear":
         return LayerSpec(weight)
@@ -125,8 +128,15 @@ def _pool_log10(node: Node, graph: Graph, captured: Mapping[str, Any]) -> float 
     return math.log10(bound.upper) if bound.upper > 0 else -math.inf
 
 
-def certified_bound(graph: Graph, structure: Structure, norms: Mapping[str, LayerNorms]) -> CertifiedBound:
-    """Per-layer certified operator norms and the model's certified input-gradient bound."""
+def certified_bound(
+    graph: Graph,
+    structure: Structure,
+    norms: Mapping[str, LayerNorms],
+    effective_weights: Mapping[str, EffectiveWeight] | None = None,
+) -> CertifiedBound:
+    """Per-layer certified operator norms and the model's certified input-gradient bound
+    (`effective_weights`: the layers' `effective_weight`s, when the caller has them already)."""
+    known = effective_weights or {}
     result = CertifiedBound()
     live = [layer for layer in structure.layers if norms[layer.name].status not in (NON_FINITE, ZERO)]
     pools = [node for node in graph.nodes.values() if node.op in POOL_OPS]
@@ -138,7 +148,8 @@ def certified_bound(graph: Graph, structure: Structure, norms: Mapping[str, Laye
 
     specs, unsized = {}, []
     for layer in live:
-        spec = _layer_spec(layer, graph, captured)
+        weight = (known.get(layer.name) or effective_weight(layer, graph.tensors))[0]
+        spec = _layer_spec(layer, graph, captured, weight)
         if spec is None:
             unsized.append(layer.name)
         else:

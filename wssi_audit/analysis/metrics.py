@@ -13,7 +13,7 @@ from ..ir import Graph, all_finite
 from ..ops import Role, overlap_factor, spec_of
 from .conv_geometry import axis_pads, per_axis
 from .structure import Chain, ResidualBlock, Structure, WeightLayer
-from .weights import effective_weight, layer_tensor_keys
+from .weights import EffectiveWeight, effective_weight, layer_tensor_keys
 
 NEG_INF = float("-inf")
 
@@ -195,10 +195,15 @@ def layer_status(layer: WeightLayer, tensors: Mapping[str, torch.Tensor]) -> str
 
 
 def layer_norms(
-    layers: list[WeightLayer], tensors: Mapping[str, torch.Tensor], spectral: bool = True
+    layers: list[WeightLayer],
+    tensors: Mapping[str, torch.Tensor],
+    spectral: bool = True,
+    effective_weights: Mapping[str, EffectiveWeight] | None = None,
 ) -> dict[str, LayerNorms]:
+    """`effective_weights`: the layers' `effective_weight`s, when the caller has them already."""
     statuses = [layer_status(layer, tensors) for layer in layers]
-    effective = [effective_weight(layer, tensors) for layer in layers]
+    known = effective_weights or {}
+    effective = [known.get(layer.name) or effective_weight(layer, tensors) for layer in layers]
     finite = [i for i, status in enumerate(statuses) if status != NON_FINITE]
     sigmas: list[float | None] = [None] * len(layers)
     if spectral and finite:

@@ -9,6 +9,7 @@ import torch
 from .structure import WeightLayer
 
 Tensors = Mapping[str, torch.Tensor]
+EffectiveWeight = tuple[torch.Tensor, torch.Tensor | None]
 
 
 def _bn_scale(layer: WeightLayer, tensors: Tensors) -> torch.Tensor:
@@ -36,7 +37,7 @@ def out_channels(layer: WeightLayer, weight: torch.Tensor) -> int:
     return weight.shape[0]
 
 
-def effective_weight(layer: WeightLayer, tensors: Tensors) -> tuple[torch.Tensor, torch.Tensor | None]:
+def effective_weight(layer: WeightLayer, tensors: Tensors) -> EffectiveWeight:
     """(W_eff, b_eff) in float64: the layer's map with its eval-mode BatchNorm folded in."""
     weight = tensors[layer.weight].detach().double()
     bias = tensors[layer.bias].detach().double() if layer.bias else None
