@@ -91,6 +91,20 @@ def test_a_view_or_a_later_reader_of_the_written_tensor_blocks_the_conversion():
         assert torch.equal(expected, relu.reshape(-1) + 1.0 if case == "view" else 2 * relu)
 
 
+def test_a_module_call_anywhere_leaves_the_whole_graph_as_it_was():
+    """A symbolic trace's module may write into its input: no op is converted, none is shared."""
+    root = nn.Module()
+    root.act = nn.ReLU(inplace=True)
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    a = graph.call_function(aten.mul.Tensor, (x, 2.0))
+    written = graph.call_function(aten.relu_.default, (a,))  # convertible on its own
+    graph.output(graph.call_module("act", (graph.call_function(aten.sub.Tensor, (written, 1.0)),)))
+    gm = fx.GraphModule(root, graph)
+    assert not functionalize(gm) and not is_functional(gm)
+    assert aten.relu_.default in [n.target for n in gm.graph.nodes]
+
+
 def test_runs_keep_values_from_before_an_in_place_op_on_both_paths():
     """A captured value read by a later relu_ must come back as it was before the relu, whether the
     runner converted the graph (no copies) or kept it (copies)."""
