@@ -28,8 +28,11 @@ SETTINGS = {"epochs": 2, "lr": 0.05, "strength": 0.05, "seed": 4, "device": "cpu
 
 # Run by each torchrun process: fine-tune, then save this rank's weights (the test's own file, not
 # run_finetune's output) so the ranks can be compared. CRASH_AT stops every rank at that step.
+# A rank still running after 240 s (a run takes seconds) prints every thread's stack and exits 1:
+# a hang, seen once on torch 2.9 in the crash run, then fails with where it hung.
 WORKER = """
-import json, os, sys, torch
+import faulthandler, json, os, sys, torch
+faulthandler.dump_traceback_later(240, exit=True)
 from wssi_audit.training import run_finetune
 from wssi_audit.training.finetune import Interrupted
 rank = int(os.environ["RANK"])
