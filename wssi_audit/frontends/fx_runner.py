@@ -8,6 +8,7 @@ internal node names. The graph runs in a private float64 copy, made on first use
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -150,12 +151,6 @@ def _reads_only(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), _GUARDS)
 
 
-def is_functional(gm: fx.GraphModule) -> bool:
-    """No node can write into a tensor, so values can be shared between runs without copies; a
-    symbolic trace's modules, methods and Python functions (relu_, +=) count as writers."""
-    return all(_reads_only(gm, node) for node in gm.graph.nodes)
-
-
 def _fresh(node: fx.Node) -> bool:
     """The node's value is storage of its own: an ATen op none of whose results aliases an argument
     (or an item of such an op's tuple)."""
@@ -183,16 +178,14 @@ def _out_of_place_variant(target: Any) -> Any:
     return twin if not twin._schema.is_mutable else None
 
 
-def functionalize(gm: fx.GraphModule) -> bool:
-    """Turn the in-place ops of torch.export's graphs (relu_, add_) into their out-of-place twins,
-    in place on a private copy, where that cannot change any value: the written tensor is fresh
-    storage, nothing reads it after the write, and nothing made a view of it before. True when
-    the graph then writes nothing (runs share values without copies); a graph it cannot convert
-    whole is left as it was."""
+def in_place_conversions(gm: fx.GraphModule) -> dict[str, Any] | None:
+    """Node name -> out-of-place twin for each in-place op of torch.export's graphs (relu_, add_),
+    when every write can be removed without changing any value: the written tensor is fresh
+    storage, nothing reads it after the write, and nothing made a view of it before. None when some
+    node may still write (a view, a later reader, a module call): then no op is converted."""
     nodes = list(gm.graph.nodes)
     position = {node: index for index, node in enumerate(nodes)}
-    changes: list[tuple[fx.Node, Any]] = []
-    converted: set[fx.Node] = set()
+    conversions: dict[str, Any] = {}
     for node in nodes:
         if _reads_only(gm, node):
             continue
@@ -201,17 +194,29 @@ def functionalize(gm: fx.GraphModule) -> bool:
         if (
             twin is None
             or not isinstance(written, fx.Node)
-            or not (written in converted or _fresh(written))
+            or not (written.name in conversions or _fresh(written))
             or any(position[user] > position[node] or not _fresh(user) for user in written.users if user is not node)
         ):
-            return False
-        changes.append((node, twin))
-        converted.add(node)
-    for node, twin in changes:
-        node.target = twin
-    if changes:
+            return None
+        conversions[node.name] = twin
+    return conversions
+
+
+def _convert(gm: fx.GraphModule, conversions: Mapping[str, Any]) -> None:
+    for node in gm.graph.nodes:
+        if node.name in conversions:
+            node.target = conversions[node.name]
+    if conversions:
         gm.recompile()
-    return True
+
+
+def functionalize(gm: fx.GraphModule) -> bool:
+    """Convert `gm`'s in-place ops (`in_place_conversions`) in place: True when it then writes
+    nothing, so runs can share values without copies; a graph that still would is left as it was."""
+    conversions = in_place_conversions(gm)
+    if conversions is not None:
+        _convert(gm, conversions)
+    return conversions is not None
 
 
 def _converted_copy(gm: fx.GraphModule, dtype: torch.dtype, share: bool = False) -> fx.GraphModule:
@@ -265,10 +270,18 @@ class FxRunner(Runner):
         self._aliases: dict[str, list[str]] | None = None
         self._proven = False  # a first run succeeded in `dtype`
 
+    @functools.cached_property
+    def _conversions(self) -> dict[str, Any] | None:
+        """The source graph's in-place ops that both private copies run out of place (worked out once)."""
+        return in_place_conversions(self._source)
+
     def _ready(self) -> _Evaluate:
         if self._module is None:
             module = _converted_copy(self._source, self.dtype)
-            self._module = _Evaluate(module, functionalize(module))
+            conversions = self._conversions
+            if conversions is not None:
+                _convert(module, conversions)
+            self._module = _Evaluate(module, conversions is not None)
             self._keys = {k for k, _ in module.named_parameters()} | {k for k, _ in module.named_buffers()}
             self._aliases = _attribute_aliases(module)
             self._inputs = tuple(
@@ -350,8 +363,10 @@ class FxRunner(Runner):
         return self._call(overrides, _Plan(needed | boundary, {k: given[k] for k in boundary}, capture))
 
     def differentiable(self) -> tuple[Any, tuple[torch.Tensor, ...]] | None:
-        module = _converted_copy(self._source, torch.float32, share=True)
-        if not functionalize(module):  # a node may write into a tensor: the weights are copied
-            module = _converted_copy(self._source, torch.float32)
+        conversions = self._conversions
+        # shared weights only where no node writes into a tensor; else a copy
+        module = _converted_copy(self._source, torch.float32, share=conversions is not None)
+        if conversions is not None:
+            _convert(module, conversions)
         inputs = tuple(x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in self._original_inputs)
         return module, inputs
