@@ -4,23 +4,30 @@
   (an MLP: no BatchNorm), with the regularizer on: it acts once per step on every rank;
 * rank 0 is the only writer (each rank is given its own output path here; rank 1's stays empty);
 * a run interrupted in its second epoch resumes under DDP to the uninterrupted run's weights, bit for bit;
-* `torchrun ... -m wssi_audit finetune` and the `wssi-audit` script under torchrun work.
+* `torchrun ... -m wssi_audit finetune` and the `wssi-audit` script under torchrun work;
+* an interrupted run leaves no DDP wrapper for interpreter exit to free (the torch 2.9 hang).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import socket
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from wssi_audit.models import create_model
 from wssi_audit.training import run_finetune
 from wssi_audit.training.data import load_digits
+from wssi_audit.training.finetune import Interrupted
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 16
@@ -169,3 +176,38 @@ def test_torchrun_cli_and_the_script(setup: dict[str, Path]) -> None:
     output = setup["root"] / "script" / "m.pt"
     _torchrun(["--no-python", str(script), "finetune", str(setup["model"]), *options, "-o", str(output)])
     assert output.exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_an_interrupted_run_frees_its_ddp_before_the_group_goes(
+    setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hang of docs/reliability.md section 7: an interruption's traceback kept the run's DDP
+    wrapper alive past destroy_process_group, its reducer then destroyed the gloo group at interpreter
+    exit, and that deadlocked with a gloo worker thread. Here a one-process gloo group in this
+    process: when run_finetune has raised, the wrapper is gone though the traceback is still held."""
+    environment = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for name, value in {**environment, "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(name, value)
+    wrappers: list[weakref.ref[DistributedDataParallel]] = []
+
+    def crash(step: int) -> None:
+        wrappers.extend(weakref.ref(o) for o in gc.get_objects() if isinstance(o, DistributedDataParallel))
+        raise Interrupted("simulated crash")
+
+    try:
+        with pytest.raises(Interrupted) as caught:
+            kwargs = {**SETTINGS, "data": setup["data"], "batch_size": BATCH, "step_callback": crash}
+            run_finetune(setup["model"], output=setup["root"] / "interrupted" / "m.pt", **kwargs)
+        assert len(wrappers) == 1  # control: the run was wrapped (a group of one is still gloo + DDP)
+        assert caught.value.__traceback__ is not None
+        assert wrappers[0]() is None
+        assert not dist.is_initialized()  # the group this run made is destroyed
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -8,7 +8,9 @@ and every collective below is a no-op. Rank 0 is the only process that reads or 
 
 from __future__ import annotations
 
+import gc
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +18,9 @@ import torch
 import torch.distributed as dist
 
 from ..errors import InputError
+
+# Seconds the GIL is left to gloo's worker threads before the group is destroyed (see close).
+TEARDOWN_PAUSE = 0.05
 
 
 @dataclass
@@ -62,7 +67,15 @@ class ProcessGroup:
             dist.barrier()
 
     def close(self) -> None:
+        """Destroy the group this module made. A gloo worker thread may still be freeing the last
+        collective's tensors, which takes the GIL; the group's destructor joins those threads while
+        holding the GIL. A DDP reducer freed at interpreter exit ran that destructor within
+        milliseconds of the last collective and deadlocked (1 run in 8 interrupted right after a
+        step, torch 2.9; native stacks in docs/reliability.md). So cyclic garbage (a reducer) is
+        freed first, and the GIL is given up for a moment before the group goes."""
         if self.owned and dist.is_initialized():
+            gc.collect()
+            time.sleep(TEARDOWN_PAUSE)
             dist.destroy_process_group()
 
     @property

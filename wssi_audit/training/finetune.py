@@ -291,10 +291,14 @@ def run_finetune(
     if model_path.exists() and output.resolve() == model_path.resolve():
         raise InputError("--output must differ from the input model file (the input is never modified)")
     group = join(device)
+    run = None
     try:
         quiet = Console(file=io.StringIO())
-        return _Run(options, model_path, output, group, (console or quiet) if group.writer else quiet).run()
+        run = _Run(options, model_path, output, group, (console or quiet) if group.writer else quiet)
+        return run.run()
     finally:
+        if run is not None:  # an exception's traceback keeps the run alive: its DDP wrapper goes now,
+            run.ddp = None  # so that the group's teardown below, not interpreter exit, frees its reducer
         group.close()
 
 
