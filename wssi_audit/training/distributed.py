@@ -70,7 +70,7 @@ class ProcessGroup:
         """Destroy the group this module made. A gloo worker thread may still be freeing the last
         collective's tensors, which takes the GIL; the group's destructor joins those threads while
         holding the GIL. A DDP reducer freed at interpreter exit ran that destructor within
-        milliseconds of the last collective and deadlocked (1 run in 8 interrupted right after a
+        milliseconds of the last collective and deadlocked (7 of 40 runs interrupted right after a
         step, torch 2.9; native stacks in docs/reliability.md). So cyclic garbage (a reducer) is
         freed first, and the GIL is given up for a moment before the group goes."""
         if self.owned and dist.is_initialized():
