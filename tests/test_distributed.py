@@ -191,8 +191,14 @@ def test_an_interrupted_run_frees_its_ddp_before_the_group_goes(
     wrapper alive past destroy_process_group, its reducer then destroyed the gloo group at interpreter
     exit, and that deadlocked with a gloo worker thread. Here a one-process gloo group in this
     process: when run_finetune has raised, the wrapper is gone though the traceback is still held."""
-    environment = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-    for name, value in {**environment, "MASTER_PORT": str(_free_port())}.items():
+    environment = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }
+    for name, value in environment.items():
         monkeypatch.setenv(name, value)
     wrappers: list[weakref.ref[DistributedDataParallel]] = []
 
