@@ -82,7 +82,7 @@ def summary(values: list[float]) -> str:
 
 def breakdown(archive: Path) -> list[tuple[str, float]]:
     """Seconds per stage of one in-process audit of the archive (after a warm-up run)."""
-    from wssi_audit.audit import analyze_graph
+    from wssi_audit.auditing import analyze_graph
     from wssi_audit.frontends import build_graph
     from wssi_audit.loading import load_model
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from wssi_audit.audit import audit
+from wssi_audit.auditing import audit
 from wssi_audit.balance import balance, save_balanced
 from wssi_audit.cli import app
 from wssi_audit.errors import InputError

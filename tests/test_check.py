@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from wssi_audit.audit import audit
+from wssi_audit.auditing import audit
 from wssi_audit.checks import FAIL, PASS, SKIP, Rules, read_config, rules_from_config, run_checks
 from wssi_audit.cli import app
 from wssi_audit.errors import InputError

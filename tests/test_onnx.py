@@ -13,7 +13,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from wssi_audit.audit import analyze, analyze_graph, audit
+from wssi_audit.auditing import analyze, analyze_graph, audit
 from wssi_audit.cli import app
 from wssi_audit.errors import InputError
 from wssi_audit.frontends import build_graph

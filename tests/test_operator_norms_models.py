@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from wssi_audit.analysis.metrics import layer_norms, log10_input_gradient_bound
 from wssi_audit.analysis.operator_norms import LayerSpec, operator_norms
 from wssi_audit.analysis.weights import effective_weight
-from wssi_audit.audit import analyze
+from wssi_audit.auditing import analyze
 from wssi_audit.models import randomize_batch_norm
 
 pytestmark = pytest.mark.slow

@@ -31,7 +31,7 @@ from .analysis.metrics import chain_metrics, layer_norms
 from .analysis.structure import Chain
 from .analysis.verify import TOLERANCE, relative_error
 from .analysis.weights import shift_layers
-from .audit import Analysis, analyze
+from .auditing import Analysis, analyze
 from .errors import AnalysisInconsistency, InputError
 from .ops import Role, spec_of
 

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import typer
 
-from ..audit import analyze
 from ..cli_support import check_output_file, console, handle_errors, write_atomic
 from ..errors import EXIT_INCONSISTENT, EXIT_OK, EXIT_RULE_FAILED, InputError
-from ..frontends import METHODS
-from ..loading import load_model, parse_input_shape, random_inputs
 from ..render import render_console, render_markdown
 from ..report import Report
+
+if TYPE_CHECKING:  # the commands import torch when they run, not when --help is shown
+    import torch
+
+    from ..loading import LoadedModel
 
 
 class OutputFormat(str, Enum):
@@ -51,6 +53,8 @@ def measure_points(data: str | None, examples: int) -> torch.Tensor | None:
     """The first `examples` held-out examples of `data` as one batch (None without --data)."""
     if data is None:
         return None
+    import torch
+
     from ..training.data import load_data
 
     held_out = load_data(data).held_out
@@ -62,13 +66,17 @@ def measure_points(data: str | None, examples: int) -> torch.Tensor | None:
 
 def check_trace_method(method: str) -> None:
     """--trace is validated here once for every command that traces."""
+    from ..frontends import METHODS
+
     if method not in METHODS:
         raise InputError(f"bad --trace '{method}': choose {', '.join(METHODS)}")
 
 
 def load_for_cli(
     model: Path, arch: str | None, input_shape: str | None, trust_pickle: bool, imports: list[str], seed: int
-):
+) -> LoadedModel:
+    from ..loading import load_model, parse_input_shape, random_inputs
+
     inputs = random_inputs(parse_input_shape(input_shape), seed)
     return load_model(model, arch=arch, trust_pickle=trust_pickle, imports=imports, example_inputs=inputs)
 
@@ -113,6 +121,8 @@ def register(app: typer.Typer) -> None:
             from ..plots import require_matplotlib
 
             require_matplotlib()  # before the work, not after it
+        from ..auditing import analyze
+
         points = measure_points(data, data_examples) if measure else None
         loaded = load_for_cli(model, arch, input_shape, trust_pickle, imports, seed)
         report = analyze(loaded, method=method, verify=verify, measure=measure, seed=seed, measure_on=points).report

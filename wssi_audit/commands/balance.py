@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..balance import balance, check_output_suffix, save_balanced
 from ..cli_support import check_output_file, console, handle_errors
 from ..errors import InputError
 from .audit import ARCH, IMPORTS, INPUT_SHAPE, METHOD, SEED, TRUST_PICKLE, check_trace_method, load_for_cli
@@ -40,6 +39,8 @@ def register(app: typer.Typer) -> None:
         format (.pt2, state dict, safetensors, pickled module, ONNX), after checking on an
         example input that the outputs did not change.
         """
+        from ..balance import balance, check_output_suffix, save_balanced
+
         check_trace_method(method)
         if output.exists() and output.resolve() == model.resolve():
             raise InputError("--output must differ from the input model: the input is never modified")

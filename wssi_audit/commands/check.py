@@ -11,14 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..audit import analyze
 from ..checks import (
     FAIL,
     PASS,
@@ -32,7 +30,6 @@ from ..checks import (
 )
 from ..cli_support import check_output_file, console, error_console, handle_errors, write_atomic
 from ..errors import EXIT_INCONSISTENT, EXIT_OK, EXIT_RULE_FAILED, EXIT_USAGE, WssiError
-from ..loading import LoadedModel
 from .audit import (
     ARCH,
     DATA,
@@ -47,6 +44,11 @@ from .audit import (
     load_for_cli,
     measure_points,
 )
+
+if TYPE_CHECKING:  # imported when a check runs, not when --help is shown
+    import torch
+
+    from ..loading import LoadedModel
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 every rule passed; 1 a rule failed; 2 usage or input error (bad option, config, "
@@ -307,6 +309,8 @@ def check_models(
     measure_on: torch.Tensor | None = None,
 ) -> list[ModelOutcome]:
     """Audit and check each model; an unreadable model becomes an error outcome, not an abort."""
+    from ..auditing import analyze
+
     outcomes = []
     for path in models:
         outcome = ModelOutcome(str(path))

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import typer
 
-from ..audit import analyze
 from ..cli_support import check_output_folder, console, handle_errors
 from ..render import render_console
 from .audit import report_exit_code
@@ -23,6 +22,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a small ReLU network on scikit-learn's digits for a few seconds, save it as
         .pt2, then audit it."""
+        from ..auditing import analyze
         from ..demo import build_demo
 
         check_output_folder(output_dir, "--output-dir")

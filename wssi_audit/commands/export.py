@@ -14,12 +14,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 import typer
 
 from ..cli_support import check_output_file, console, debug_enabled, handle_errors, save_atomic
 from ..errors import InputError, TraceError, describe
-from ..frontends import _check_runs as check_runs
 from .audit import ARCH, IMPORTS, INPUT_SHAPE, SEED, TRUST_PICKLE, load_for_cli
 
 # Loggers that print tracebacks while exporting (onnxscript's version converter, torch.onnx).
@@ -30,6 +28,7 @@ def supported_opsets(model: Any) -> range:
     """What torch.onnx says its exporter for `model` supports: the torch.export-based exporter
     (ExportedProgram) from its torchlib opset up, the TorchScript-based one (nn.Module) up to its
     own maximum."""
+    import torch
     from torch.onnx import _constants
 
     if isinstance(model, torch.export.ExportedProgram):
@@ -40,6 +39,8 @@ def supported_opsets(model: Any) -> range:
 
 
 def check_opset(model: Any, opset: int | None) -> None:
+    import torch
+
     if opset is None:
         return
     try:
@@ -97,6 +98,8 @@ def export_onnx(model: Any, example_inputs: Sequence[Any], path: str | Path, ops
     """Export an nn.Module with the TorchScript-based exporter (fast, offline, parameter names as
     initializer names, dynamic batch), an ExportedProgram with the torch.export-based one (the
     program's own shapes; its module cannot be re-traced by the TorchScript exporter)."""
+    import torch
+
     names = ["input"] if len(example_inputs) == 1 else [f"input_{i}" for i in range(len(example_inputs))]
     options: dict[str, Any] = {"input_names": names, "output_names": ["output"], "opset_version": opset}
     if isinstance(model, torch.export.ExportedProgram):
@@ -136,6 +139,8 @@ def export_onnx(model: Any, example_inputs: Sequence[Any], path: str | Path, ops
 def _static(loaded: Any) -> Any:
     """A converted TorchScript program has a symbolic size for every dimension, which its ONNX
     export keeps and `audit` cannot fill in: re-exported at the example input's shapes."""
+    import torch
+
     if loaded.format != "torchscript":
         return loaded.model
     try:
@@ -158,6 +163,10 @@ def register(app: typer.Typer) -> None:
         seed: int = SEED,
     ) -> None:
         """Export a model to ONNX; the example input fixes every dimension but the batch."""
+        import torch
+
+        from ..frontends import _check_runs as check_runs
+
         if onnx_path.suffix.lower() != ".onnx":
             raise InputError(f"--onnx {onnx_path} must end with .onnx (audit reads ONNX models by that name)")
         check_output_file(onnx_path, "--onnx")

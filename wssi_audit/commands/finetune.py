@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from ..cli_support import check_output_file, console, handle_errors
-from ..regularizer import DEFAULT_FORM, DEFAULT_STRENGTH
+from ..defaults import DEFAULT_FORM, DEFAULT_STRENGTH
 
 
 def register(app: typer.Typer) -> None:

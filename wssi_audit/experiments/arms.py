@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..analysis.structure import Structure
-from ..audit import analyze, homogeneous_layers
+from ..auditing import analyze, homogeneous_layers
 
 ARMS = ("none", "wd", "log", "balanced", "log_guard")
 INVARIANT_ARMS = ("log", "balanced", "log_guard")

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from ..analysis.verify import random_log10_factors
 from ..analysis.weights import shift_layers
-from ..audit import analyze
+from ..auditing import analyze
 from .architectures import Normalized, build_model
 from .arms import Arm, local_penalty, make_optimizer, make_penalty, weight_decay_penalty
 from .attacks import evaluate_robustness

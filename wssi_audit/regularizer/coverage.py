@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from ..analysis.structure import Chain, Structure, WeightLayer
-from ..audit import Analysis, homogeneous_layers
+from ..auditing import Analysis, homogeneous_layers
 from ..ops import Role, spec_of
 
 NORMALIZERS = {

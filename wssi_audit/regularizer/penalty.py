@@ -14,15 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..audit import Analysis
+from ..auditing import Analysis
+from ..defaults import DEFAULT_FORM, DEFAULT_MIN_NORM, DEFAULT_STRENGTH, FORMS
 from .coverage import Coverage, modes_restored, plan_terms, unwrap_model
-
-# One place for the defaults; the experiments (issue 5) chose these two values.
-DEFAULT_FORM = "log"
-DEFAULT_STRENGTH = 2e-3  # chosen from docs/results.md (validation-selected in most cells, 10-30x below collapse)
-FORMS = ("log", "balanced")
-# Norms below this are clamped (value and gradient) so a collapsing layer cannot produce inf/NaN.
-DEFAULT_MIN_NORM = 1e-6
 
 
 class ShardedModelError(TypeError):
@@ -100,7 +94,7 @@ class WeightScaleRegularizer:
         self.model = unwrap_model(model)
         refuse_sharded(self.model)
         if analysis is None:
-            from ..audit import analyze
+            from ..auditing import analyze
 
             with modes_restored(self.model):
                 analysis = analyze(self.model, example_inputs, verify=False)

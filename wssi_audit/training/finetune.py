@@ -339,7 +339,7 @@ class _Run:
         o, group, trainable = self.o, self.group, self.trainable
         torch.manual_seed(o["seed"] + group.rank)
         module = trainable.module
-        from ..audit import analyze
+        from ..auditing import analyze
 
         self.example = examples(self.data.train, trainable.chunk or 1, self.shape)
         audited = trainable.program if trainable.program is not None else module

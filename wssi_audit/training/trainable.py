@@ -142,7 +142,7 @@ def summary(report: Any, accuracy: float, loss: float) -> AuditSummary:
 
 def audit_summary(trainable: Trainable, example: torch.Tensor, accuracy: float, loss: float) -> AuditSummary:
     """The audit of the trained model (a CPU copy, or a freshly exported program)."""
-    from ..audit import analyze
+    from ..auditing import analyze
 
     model = export(trainable) if trainable.program is not None else copy.deepcopy(trainable.module).cpu().eval()
     return summary(analyze(model, (example,), verify=False).report, accuracy, loss)
