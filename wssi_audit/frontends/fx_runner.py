@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import operator
+import sys
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -136,11 +137,13 @@ def _writes_nothing(target: Any) -> bool:
     return False
 
 
-# torch.export's input-shape assertions (torch >= 2.9), called as a module that has no tensors
-try:
-    from torch.export._unlift import GuardsFn as _GUARDS
-except ImportError:  # an older torch: no such module in its graphs
-    _GUARDS = ()
+def _is_guards(module: nn.Module) -> bool:
+    """torch.export's input-shape assertions (torch >= 2.9), called as a module that has no tensors.
+    Looked up only where torch.export._unlift is loaded: without it no such module can exist, and
+    importing it costs a second (it imports torch._dynamo)."""
+    unlift = sys.modules.get("torch.export._unlift")
+    guards = getattr(unlift, "GuardsFn", None)
+    return guards is not None and isinstance(module, guards)
 
 
 def _reads_only(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -148,7 +151,7 @@ def _reads_only(gm: fx.GraphModule, node: fx.Node) -> bool:
         return True
     if node.op == "call_function":
         return _writes_nothing(node.target)
-    return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), _GUARDS)
+    return node.op == "call_module" and _is_guards(gm.get_submodule(str(node.target)))
 
 
 def _fresh(node: fx.Node) -> bool:
