@@ -246,7 +246,7 @@ def analyze(
 
     inputs = _as_inputs(example_inputs)
     if isinstance(model, (str, Path)):
-        model = load_model(model)
+        model = load_model(model, for_analysis=True)
     if isinstance(model, LoadedModel):
         loaded = model
         model, source, format = loaded.model, loaded.source, loaded.format

@@ -243,23 +243,38 @@ def _load_torchscript(archive: VerifiedZip, example_inputs: tuple[Any, ...] | No
     return LoadedModel(program, "torchscript", str(path), tuple(example_inputs))
 
 
-def _load_pt2(path: Path, trust_pickle: bool) -> torch.export.ExportedProgram:
-    """Scan first (safe_archive), then torch.export.load on the scanned bytes, then check the graph."""
+def _load_pt2(path: Path, trust_pickle: bool, for_analysis: bool = False) -> torch.export.ExportedProgram:
+    """Scan first (safe_archive), then read the scanned bytes, then check the graph. For an
+    analysis, pt2_reader builds the program when it can (a second faster: no torch._dynamo); its
+    node values are meta tensors, so a program to save or re-export comes from torch.export.load."""
     if not zipfile.is_zipfile(path):
         raise InputError(f"cannot read torch.export archive {path.name}: not a zip archive (truncated or not .pt2)")
     archive, _ = scan_pt2(path, trust=trust_pickle)
-    guard = contextlib.nullcontext() if trust_pickle else weights_only_unpickling()
-    try:
-        with _silenced("torch.export"), guard:
-            program = torch.export.load(archive.buffer())
-    except Exception as error:
-        raise InputError(f"cannot read torch.export archive {path.name}: {describe(error)}") from None
+    program = _read_program(archive) if for_analysis else None
+    if program is None:
+        guard = contextlib.nullcontext() if trust_pickle else weights_only_unpickling()
+        try:
+            with _silenced("torch.export"), guard:
+                program = torch.export.load(archive.buffer())
+        except Exception as error:
+            raise InputError(f"cannot read torch.export archive {path.name}: {describe(error)}") from None
     if not trust_pickle:
         try:
             check_program(program)
         except UnsafeContent as error:
             raise UnsafeContent(shorten(f"{path.name}: {error}")) from None
     return program
+
+
+def _read_program(archive: VerifiedZip) -> torch.export.ExportedProgram | None:
+    """pt2_reader's program, or None where it does not build this archive (torch.export.load does)."""
+    from .pt2_reader import read_program
+
+    try:
+        with weights_only_unpickling():
+            return read_program(archive)
+    except Exception:  # Unsupported, or a malformed part: torch.export.load reads it or says why
+        return None
 
 
 def _load_pickled(path: Path, data: io.BytesIO, trust_pickle: bool) -> Any:
@@ -290,9 +305,11 @@ def load_model(
     trust_pickle: bool = False,
     imports: Sequence[str] = (),
     example_inputs: tuple[Any, ...] | None = None,
+    for_analysis: bool = False,
 ) -> LoadedModel:
     """Load a model file; raises `InputError` with one clear line on any problem. Nothing in the
-    file runs as code (pickles, graph expressions, native libraries) unless `trust_pickle`."""
+    file runs as code (pickles, graph expressions, native libraries) unless `trust_pickle`.
+    `for_analysis`: the model is only analysed (audit, check), not saved or re-exported."""
     from .frontends.torch_support import require_supported_torch
 
     require_supported_torch()
@@ -309,7 +326,8 @@ def load_model(
 
         return LoadedModel(load_onnx(path), "onnx", str(path), example_inputs)
     if suffix == ".pt2":
-        return LoadedModel(_load_pt2(path, trust_pickle), "torch.export", str(path), example_inputs)
+        program = _load_pt2(path, trust_pickle, for_analysis)
+        return LoadedModel(program, "torch.export", str(path), example_inputs)
     if suffix == ".safetensors":
         try:
             from safetensors.torch import load_file

@@ -31,7 +31,7 @@ import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,10 +79,10 @@ class VerifiedZip:
     data: bytes
     root: str  # the archive's top folder, with its slash ("cnn/")
     names: tuple[str, ...]  # member names below `root`
+    contents: Mapping[str, bytes]  # member name below `root` -> its checked bytes
 
     def read(self, name: str) -> bytes:
-        with zipfile.ZipFile(io.BytesIO(self.data)) as archive:
-            return archive.read(self.root + name)
+        return self.contents[name]
 
     def buffer(self) -> io.BytesIO:
         """What torch reads: these bytes, not the file again (it may have changed since)."""
@@ -116,7 +116,7 @@ def read_verified_zip(path: Path, kind: str) -> VerifiedZip:
     root = names[0].split("/", 1)[0] + "/"
     below = tuple(name[len(root) :] for name in names)
     _check_torch_reader(path, kind, data, root, below, contents)
-    return VerifiedZip(path, data, root, below)
+    return VerifiedZip(path, data, root, below, {name[len(root) :]: contents[name] for name in names})
 
 
 def _check_names(path: Path, kind: str, names: list[str]) -> None:
@@ -184,7 +184,7 @@ def pickle_global(error: BaseException) -> str:
 
 
 def _pt2_layout() -> dict[str, Any]:
-    from torch.export.pt2_archive import constants as c
+    from torch._C._export import pt2_archive_constants as c  # torch.export.pt2_archive would import torch._dynamo
 
     return {
         "fixed": {

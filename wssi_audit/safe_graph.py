@@ -216,11 +216,27 @@ def _deserializer() -> Any:
     return GraphModuleDeserializer()
 
 
+def resolve_target(name: str) -> Any:
+    """A serialized node target resolved exactly as torch's deserializer resolves it (attribute by
+    attribute from the `torch` module, the name itself where one is missing). Operator names,
+    `torch.ops.<namespace>.<op>.<overload>`, are walked here: the deserializer's module imports
+    torch._dynamo, a second that a plain archive's load no longer pays (pt2_reader)."""
+    parts = name.split(".")
+    if len(parts) != 5 or parts[:2] != ["torch", "ops"]:
+        return _deserializer().deserialize_operator(name)
+    target: Any = torch
+    for part in parts[1:]:
+        if not hasattr(target, part):
+            return name
+        target = getattr(target, part)
+    return target
+
+
 def check_target_name(name: str) -> None:
     """A serialized node target, resolved exactly as torch's deserializer resolves it."""
     if name.startswith("#"):
         raise UnsafeContent(shorten(f"graph calls extension operator '{name}' (custom code). {TRUST_HINT}"))
-    problem = operator_problem(_deserializer().deserialize_operator(name))
+    problem = operator_problem(resolve_target(name))
     if problem is not None:
         raise UnsafeContent(shorten(f"graph calls '{name}': {problem}. {TRUST_HINT}"))
 

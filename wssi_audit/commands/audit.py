@@ -73,12 +73,20 @@ def check_trace_method(method: str) -> None:
 
 
 def load_for_cli(
-    model: Path, arch: str | None, input_shape: str | None, trust_pickle: bool, imports: list[str], seed: int
+    model: Path,
+    arch: str | None,
+    input_shape: str | None,
+    trust_pickle: bool,
+    imports: list[str],
+    seed: int,
+    for_analysis: bool = False,
 ) -> LoadedModel:
     from ..loading import load_model, parse_input_shape, random_inputs
 
     inputs = random_inputs(parse_input_shape(input_shape), seed)
-    return load_model(model, arch=arch, trust_pickle=trust_pickle, imports=imports, example_inputs=inputs)
+    return load_model(
+        model, arch=arch, trust_pickle=trust_pickle, imports=imports, example_inputs=inputs, for_analysis=for_analysis
+    )
 
 
 def register(app: typer.Typer) -> None:
@@ -124,7 +132,7 @@ def register(app: typer.Typer) -> None:
         from ..auditing import analyze
 
         points = measure_points(data, data_examples) if measure else None
-        loaded = load_for_cli(model, arch, input_shape, trust_pickle, imports, seed)
+        loaded = load_for_cli(model, arch, input_shape, trust_pickle, imports, seed, for_analysis=True)
         report = analyze(loaded, method=method, verify=verify, measure=measure, seed=seed, measure_on=points).report
         write_pictures(report, plot, html)
         if output_format is OutputFormat.json:

@@ -395,7 +395,7 @@ def register(app: typer.Typer) -> None:
             load_baseline(rules.baseline)  # a missing or broken baseline is a usage error, before any work
 
         def load(path: Path) -> LoadedModel:
-            return load_for_cli(path, arch, input_shape, trust_pickle, imports, seed)
+            return load_for_cli(path, arch, input_shape, trust_pickle, imports, seed, for_analysis=True)
 
         points = measure_points(data, data_examples) if measure else None
         outcomes = check_models(models, rules, load, method, seed, measure, points)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.export.graph_signature import TensorArgument
 
 from ..ir import Graph
 from .fx_convert import FxConverter
@@ -96,6 +97,57 @@ def _copy_inlined(graph: fx.Graph, owner: nn.Module, into: fx.Graph, env: dict[f
     return None
 
 
+# Inputs a plain program reads as tensors; anything else (a mutation output, a token, a custom object)
+# is left to torch's own unlifting.
+_STATE_KINDS = ("PARAMETER", "BUFFER", "CONSTANT_TENSOR")
+
+
+def unlifted_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
+    """The program as a module that holds its tensors (get_attr at their state_dict keys) and takes
+    the user inputs: what the runner runs. Built here for a program that only reads its tensors and
+    returns user outputs; `program.module()` otherwise (it imports torch._dynamo: a second)."""
+    signature = program.graph_signature
+    plain = all(
+        spec.kind.name in (*_STATE_KINDS, "USER_INPUT") and isinstance(spec.arg, TensorArgument)
+        for spec in signature.input_specs
+    ) and all(spec.kind.name == "USER_OUTPUT" for spec in signature.output_specs)
+    if not plain:
+        return program.module()
+    tensors = {**program.state_dict, **(getattr(program, "constants", None) or {})}
+    root = nn.Module()
+    for name, child in program.graph_module.named_children():  # subgraphs of wrapped regions
+        root.add_module(name, child)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    for node, spec in zip(placeholders, signature.input_specs):
+        if spec.kind.name in _STATE_KINDS:
+            if spec.target not in tensors:
+                return program.module()
+            _set_tensor(root, spec.target, tensors[spec.target], buffer=spec.kind.name != "PARAMETER")
+            env[node] = graph.get_attr(spec.target)
+        else:
+            env[node] = graph.placeholder(node.name)
+        env[node].meta = dict(node.meta)
+    for node in program.graph.nodes:
+        if node.op != "placeholder":
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    return fx.GraphModule(root, graph)
+
+
+def _set_tensor(root: nn.Module, target: str, value: torch.Tensor, buffer: bool) -> None:
+    *path, leaf = target.split(".")
+    owner = root
+    for part in path:
+        if not isinstance(getattr(owner, part, None), nn.Module):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    if buffer:
+        owner.register_buffer(leaf, value.detach())
+    else:
+        owner.register_parameter(leaf, value if isinstance(value, nn.Parameter) else nn.Parameter(value))
+
+
 def trace_export(
     program: torch.export.ExportedProgram, example_inputs: Sequence[Any] | None, method: str = "export"
 ) -> Graph:
@@ -124,5 +176,5 @@ def trace_export(
     nodes = converter.convert(graph)
     runner = None
     if example_inputs is not None:
-        runner = FxRunner(program.module(), example_inputs, absorbed=converter.absorbed)
+        runner = FxRunner(unlifted_module(program), example_inputs, absorbed=converter.absorbed)
     return Graph(nodes, tensors, method, [], runner)
