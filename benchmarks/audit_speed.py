@@ -86,11 +86,11 @@ def breakdown(archive: Path) -> list[tuple[str, float]]:
     from wssi_audit.frontends import build_graph
     from wssi_audit.loading import load_model
 
-    analyze_graph(build_graph(load_model(archive).model, None))  # warm-up
+    analyze_graph(build_graph(load_model(archive, for_analysis=True).model, None))  # warm-up
     stages = []
     start = time.perf_counter()
-    loaded = load_model(archive)
-    stages.append(("load (scan + torch.export.load)", time.perf_counter() - start))
+    loaded = load_model(archive, for_analysis=True)  # as the CLI loads it
+    stages.append(("load (scan + pt2_reader)", time.perf_counter() - start))
     start = time.perf_counter()
     graph = build_graph(loaded.model, loaded.example_inputs)
     stages.append(("trace to the internal graph", time.perf_counter() - start))

@@ -209,6 +209,10 @@ def test_what_the_reader_does_not_build_goes_to_torch_export_load(tmp_path, buil
     with pytest.raises(Unsupported, match=reason):
         _read(path)
     loaded = load_model(path, for_analysis=True)  # read by torch.export.load instead
+    program = loaded.model
+    x = program.example_inputs[0][0]
+    with torch.no_grad():  # the runner's own unlifting runs it as torch's module() does
+        assert torch.equal(unlifted_module(program)(x), program.module()(x))
     report = audit(loaded)
     assert report.model.parameters > 0
     assert json.loads(report.to_json()) == json.loads(audit(load_model(path)).to_json())
