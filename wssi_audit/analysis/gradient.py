@@ -12,12 +12,16 @@ lower estimate however few steps run. On the Krylov space it searches it is the 
 power iteration's last iterate is not: on torchvision's ResNet-50 (random init, 224 x 224) 3 steps
 come within 0.02 decades of the limit, power iteration with as many products within 0.04.
 
-z = J w is the backward pass differentiated once more (the backward is linear in its seed u, and
-its derivative in u along w is J w): about one forward's cost, and the transpose of exactly the map
-the backward passes apply. torch's forward mode (torch.func.jvp), used when an op has no
-double-backward formula, costs 4-5 forwards (each convolution runs three times) and a third of a
-second to start. Every step checks the two maps against each other, u . (J w) = (J^T u) . w:
-a product that disagrees with its transpose makes the figure "not measured", never a wrong one.
+z = J w comes, in order of preference, from the runner's linearization (`Runner.linearization`:
+for fx graphs a tangent pass through the ops' linear maps at the point, ReLU masks, max-pool
+indices, about one forward per product), from the backward pass differentiated once more (it is
+linear in its seed u, and its derivative in u along w is J w: three to four forwards on ResNet-50),
+or from torch's forward mode (torch.func.jvp, used when an op has no double-backward formula: 4-5
+forwards and a third of a second to start). Every step checks the product against autograd's
+backward, u . (J w) = (J^T u) . w: a tangent pass that disagrees gives way to the double backward,
+that to forward mode, and a product that still disagrees makes the figure "not measured", never a
+wrong one. The tangent pass is a second differentiation system beside autograd; this check is its
+control.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ import torch
 
 from ..errors import InputError, describe
 from ..ir import Runner, flat_tensors
+
+# (the function's flat float outputs at a point, direction -> J direction there), from the runner
+Linearized = tuple[torch.Tensor, Callable[[tuple[torch.Tensor, ...]], torch.Tensor]]
 
 METHOD = "Lanczos bidiagonalization of the Jacobian at {where} (float32, {steps} steps): a lower estimate"
 STEPS = 3
@@ -59,15 +66,35 @@ def measured_log10_gradient(
         primals = [(chunk, *primals[0][1:]) for chunk in _chunks(points, primals[0][0])]
         where = f"{len(primals) * primals[0][0].shape[0]} data examples"
 
-    def outputs_of(*xs: torch.Tensor) -> torch.Tensor:
+    def arguments(xs: tuple[torch.Tensor, ...]) -> list[object]:
         args = list(inputs)
         for i, x in zip(positions, xs):
             args[i] = x
-        return _flat([t for t in flat_tensors(function(*args)) if t.is_floating_point()])
+        return args
+
+    def outputs_of(*xs: torch.Tensor) -> torch.Tensor:
+        return _flat([t for t in flat_tensors(function(*arguments(xs))) if t.is_floating_point()])
+
+    def linearize(xs: tuple[torch.Tensor, ...]) -> Linearized | None:
+        try:
+            found = runner.linearization(function, tuple(arguments(xs)))
+        except Exception:  # a tangent rule's failure: autograd computes J w instead
+            return None
+        if found is None:
+            return None
+        outputs, push = found
+
+        def product(direction: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            tangents: list[torch.Tensor | None] = [None] * len(inputs)
+            for i, tangent in zip(positions, direction):
+                tangents[i] = tangent
+            return _flat(push(tuple(tangents)))
+
+        return _flat(outputs), product
 
     best, ran = 0.0, 0
     for primal in primals:
-        value, note, count = _bidiagonalization(outputs_of, primal, steps, seed)
+        value, note, count = _bidiagonalization(outputs_of, primal, steps, seed, linearize)
         if value is None:
             return None, note, ""
         best, ran = max(best, value), max(ran, count)
@@ -115,10 +142,16 @@ def _adjoint(u: torch.Tensor, z: torch.Tensor, expected: float, scale: float) ->
 
 
 class _Products:
-    """J^T u and J w at one point: backward passes, and the backward differentiated in its seed
-    (double backward), or forward mode where an op has no double-backward formula."""
+    """J^T u and J w at one point: backward passes, and for J w the runner's tangent pass, else the
+    backward differentiated in its seed (double backward), else forward mode where an op has no
+    double-backward formula."""
 
-    def __init__(self, outputs_of: Callable[..., torch.Tensor], primal: tuple[torch.Tensor, ...]) -> None:
+    def __init__(
+        self,
+        outputs_of: Callable[..., torch.Tensor],
+        primal: tuple[torch.Tensor, ...],
+        linearize: Callable[[tuple[torch.Tensor, ...]], Linearized | None] | None = None,
+    ) -> None:
         self.outputs_of, self.primal = outputs_of, primal
         self.inputs = tuple(x.detach().requires_grad_() for x in primal)
         self.output = outputs_of(*self.inputs)
@@ -126,6 +159,22 @@ class _Products:
         self.seed: torch.Tensor | None = None
         self.pulled: list[tuple[int, torch.Tensor]] = []  # (input position, J^T seed for it)
         self.forward_mode = False
+        self.tangent: Callable[[tuple[torch.Tensor, ...]], torch.Tensor] | None = None
+        if linearize is not None and not self.constant:
+            found = linearize(primal)
+            if found is not None and _same_point(found[0], self.output.detach()):
+                self.tangent = found[1]
+
+    def fall_back(self) -> bool:
+        """Give up the way J w was computed for the next one (its product failed the adjoint check);
+        False when none is left."""
+        if self.tangent is not None:
+            self.tangent = None
+            return True
+        if not self.forward_mode:  # the double backward missed a path: a backward that is not differentiable again
+            self.forward_mode = True
+            return True
+        return False
 
     def pullback(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.constant:
@@ -136,6 +185,12 @@ class _Products:
     def push(self, direction: tuple[torch.Tensor, ...]) -> torch.Tensor:
         if self.constant:
             return torch.zeros_like(self.output)
+        if self.tangent is not None:
+            try:
+                with torch.no_grad():
+                    return self.tangent(direction)
+            except Exception:  # a tangent rule that failed at run time: autograd's way instead
+                self.tangent = None
         if not self.forward_mode:
             try:
                 return self._double_backward(direction)
@@ -160,8 +215,20 @@ class _Products:
         return torch.zeros_like(self.output) if image is None else image.detach()
 
 
+def _same_point(outputs: torch.Tensor, expected: torch.Tensor) -> bool:
+    """The linearization's outputs are autograd's at the same point (else it linearized something else)."""
+    if outputs.shape != expected.shape or outputs.dtype != expected.dtype:
+        return False
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    return bool(torch.allclose(outputs, expected, rtol=1e-5, atol=1e-6 * scale))
+
+
 def _bidiagonalization(
-    outputs_of: Callable[..., torch.Tensor], primal: tuple[torch.Tensor, ...], steps: int, seed: int
+    outputs_of: Callable[..., torch.Tensor],
+    primal: tuple[torch.Tensor, ...],
+    steps: int,
+    seed: int,
+    linearize: Callable[[tuple[torch.Tensor, ...]], Linearized | None] | None = None,
 ) -> tuple[float | None, str, int]:
     """(the lower estimate, a note when there is none, the steps run: fewer than asked when the
     Krylov space is exhausted, and then the estimate is ||J|| itself up to rounding)."""
@@ -172,7 +239,7 @@ def _bidiagonalization(
     best = 0.0
     try:
         with torch.enable_grad():
-            products = _Products(outputs_of, primal)
+            products = _Products(outputs_of, primal, linearize)
             output = products.output.detach()
             u = torch.randn(output.shape, generator=generator, dtype=output.dtype)
             for _ in range(max(steps, 1)):
@@ -191,9 +258,7 @@ def _bidiagonalization(
                     break
                 direction = _like(w / residual, primal)
                 z = products.push(direction)
-                if not _adjoint(u, z, residual, best) and not products.forward_mode:
-                    # the double backward missed a path: a backward that is not differentiable again
-                    products.forward_mode = True
+                while not _adjoint(u, z, residual, best) and products.fall_back():
                     z = products.push(direction)
                 if not math.isfinite(float(z.norm())):
                     return not_finite

@@ -39,7 +39,7 @@ SEED = typer.Option(0, "--seed", help="Seed of the random inputs and the random 
 MEASURE = typer.Option(
     True,
     "--measure/--no-measure",
-    help="Measure ||dy/dx|| at the example input (3 backward and 3 double-backward passes).",
+    help="Measure ||dy/dx|| at the example input (3 backward passes and 3 Jacobian-vector products).",
 )
 DATA = typer.Option(
     None,

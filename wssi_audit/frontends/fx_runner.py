@@ -373,3 +373,12 @@ class FxRunner(Runner):
             _convert(module, conversions)
         inputs = tuple(x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in self._original_inputs)
         return module, inputs
+
+    def linearization(self, function: Any, inputs: tuple[Any, ...]) -> tuple[list[torch.Tensor], Any] | None:
+        """The tangent interpreter (fx_tangent) on the GraphModule `differentiable()` returned."""
+        if not isinstance(function, fx.GraphModule):
+            return None
+        from .fx_tangent import linearize
+
+        found = linearize(function, inputs)
+        return None if found is None else (found.outputs, found.push)
