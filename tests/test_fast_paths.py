@@ -1,17 +1,23 @@
 """The fast paths of the audit give the results of the slow ones.
 
-Spectral norms by power iteration on the Gram matrix; tensor nodes found by a fake-tensor run.
+Spectral norms by power iteration on the Gram matrix; tensor nodes found by a fake-tensor run; the
+self-check's comparisons against a reference whose scale is worked out once.
 """
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from wssi_audit import audit
 from wssi_audit.analysis import metrics
 from wssi_audit.analysis.metrics import spectral_norms
+from wssi_audit.analysis.verify import Reference, relative_error
 
 
 def _stacks() -> list[torch.Tensor]:
@@ -73,3 +79,40 @@ def test_auditing_a_model_in_training_mode_leaves_its_batch_norm_statistics_alon
     assert report.summary.all_verified is True
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+_FINITE = st.floats(min_value=-1e6, max_value=1e6)
+# mostly finite entries, some exact zeros, now and then an Inf or a NaN
+_ENTRIES = st.one_of(_FINITE, _FINITE, _FINITE, _FINITE, st.just(0.0), st.sampled_from([math.inf, -math.inf, math.nan]))
+
+
+@st.composite
+def _tensor_lists(draw: st.DrawFn) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Pairs of tensor lists like a self-check compares: mostly alike, sometimes non-finite, empty,
+    of another shape or another count."""
+    count = draw(st.integers(1, 3))
+    reference, other = [], []
+    for _ in range(count):
+        shape = draw(st.sampled_from([(0,), (3,), (2, 2)]))
+        size = math.prod(shape)
+        a = torch.tensor(draw(st.lists(_ENTRIES, min_size=size, max_size=size)), dtype=torch.float64).reshape(shape)
+        b = a + torch.tensor(draw(st.lists(_ENTRIES, min_size=size, max_size=size)), dtype=torch.float64).reshape(
+            shape
+        ) * draw(st.sampled_from([0.0, 1e-12, 1.0]))
+        if draw(st.booleans()) and size:
+            b = b.reshape(-1)[:-1]  # another shape
+        reference.append(a)
+        other.append(b)
+    if draw(st.booleans()):
+        other = other[: draw(st.integers(0, count))]  # another count
+    return reference, other
+
+
+@settings(max_examples=300, deadline=None)
+@given(_tensor_lists())
+def test_a_reference_compares_as_relative_error_does(pair: tuple[list[torch.Tensor], list[torch.Tensor]]) -> None:
+    """The self-check's reference, its scale worked out once, gives relative_error's result."""
+    reference, other = pair
+    expected = relative_error(reference, other)
+    got = Reference(reference).error(other)
+    assert (math.isnan(got) and math.isnan(expected)) or got == expected
