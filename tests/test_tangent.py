@@ -331,20 +331,95 @@ def test_a_wrong_tangent_rule_is_caught_by_the_adjoint_check(monkeypatch: pytest
     assert unguarded is not None and abs(unguarded - right) > 1e-3
 
 
-def test_outputs_at_another_point_are_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A linearization whose outputs are not autograd's at the same point linearizes something
-    else: its products are not used at all."""
+def test_one_forward_serves_the_backward_and_the_tangent_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pullbacks differentiate the linearization's own outputs: the model is not called a second
+    time, and the figure is the one autograd alone gives."""
     model, x = _small_resnet()
     runner = build_graph(model, (x,)).runner
-    linearization = FxRunner.linearization
+    calls: list[int] = []
+    call = torch.fx.GraphModule.__call__
 
-    def shifted(self: FxRunner, function: object, inputs: tuple[object, ...]) -> object:
-        outputs, push = linearization(self, function, inputs)
-        return [t + 1e-3 for t in outputs], push
+    def counted(self: torch.fx.GraphModule, *args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return call(self, *args, **kwargs)
 
-    monkeypatch.setattr(FxRunner, "linearization", shifted)
+    monkeypatch.setattr(torch.fx.GraphModule, "__call__", counted)
     used = _tangent_steps(monkeypatch)
-    assert measured_log10_gradient(runner)[0] is not None and not used
+    measured, note, _ = measured_log10_gradient(runner, steps=5)
+    assert measured is not None, note
+    assert len(used) == 5 and not calls
+    with monkeypatch.context() as patch:
+        _without_tangents(patch)
+        before, _, _ = measured_log10_gradient(runner, steps=5)
+    assert calls and before is not None and abs(10 ** (measured - before) - 1) < 1e-6
+
+
+def test_the_steps_hold_no_autograd_graph() -> None:
+    """Values a step keeps (ReLU's result, a result's shape for broadcasting) are detached: the
+    linearization, run on inputs that require grad, keeps no part of autograd's graph alive."""
+    model, x = _small_resnet()
+    gm = torch.fx.symbolic_trace(model)
+    leaf = x.clone().requires_grad_()
+    with torch.enable_grad():
+        found = fx_tangent.linearize(gm, (leaf,))
+    assert found is not None and all(t.requires_grad for t in found.outputs)
+    held: list[object] = []
+    for _, step, _, _ in found.steps:
+        held.extend(vars(step).values() if isinstance(step, fx_tangent._Mask) else [])
+        held.extend(cell.cell_contents for cell in getattr(step, "__closure__", None) or ())
+    tensors = [t for t in held if torch.is_tensor(t)]
+    assert any(isinstance(step, fx_tangent._Mask) for _, step, _, _ in found.steps) and tensors
+    assert not [t for t in tensors if t.grad_fn is not None]
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+
+    def forward(self, x: torch.Tensor, scale: float = 2.0) -> torch.Tensor:
+        return torch.relu(self.conv(x)) * scale
+
+
+def test_a_placeholders_default_is_used_as_the_module_uses_it() -> None:
+    torch.manual_seed(0)
+    gm, x = torch.fx.symbolic_trace(_Scaled()), torch.randn(1, 2, 5, 5)
+    found = fx_tangent.linearize(gm, (x,))
+    assert found is not None
+    w = torch.randn_like(x)
+    primal, expected = torch.func.jvp(lambda v: gm(v), (x,), (w,))
+    torch.testing.assert_close(found.outputs[0], primal)
+    torch.testing.assert_close(found.push((w,))[0], expected)
+    two_inputs = torch.fx.symbolic_trace(lambda a, b: torch.relu(a) + b)
+    assert fx_tangent.linearize(two_inputs, (x,)) is None, "an input with no value and no default"
+
+
+def test_hooks_on_the_module_decline() -> None:
+    """A hook changes what calling the module computes, which the graph alone does not: the
+    linearization's outputs are what the backward differentiates, so it declines. (The runner's
+    copies drop the source's hooks; this guards any other caller.)"""
+    model, x = _small_resnet()
+    gm = torch.fx.symbolic_trace(model)
+    assert fx_tangent.linearize(gm, (x,)) is not None
+    handle = gm.register_forward_hook(lambda module, args, output: output * 3)
+    assert fx_tangent.linearize(gm, (x,)) is None
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: None)
+    try:
+        assert fx_tangent.linearize(gm, (x,)) is None
+    finally:
+        handle.remove()
+    assert fx_tangent.linearize(gm, (x,)) is not None
+
+
+def test_the_float32_copy_is_made_once_only_where_nothing_writes() -> None:
+    model, x = _small_resnet()
+    runner = graph_from_module(model, (x,), method="export").runner  # ATen ops: writes removable
+    assert runner.differentiable()[0] is runner.differentiable()[0]
+    traced = build_graph(model, (x,)).runner  # module calls may write
+    assert traced.differentiable()[0] is not traced.differentiable()[0]
+    writing = FxRunner(torch.fx.symbolic_trace(_WriteAfterRead().eval()), (torch.randn(1, 2, 5, 5),))
+    assert writing.differentiable()[0] is not writing.differentiable()[0]
 
 
 class _WriteAfterRead(nn.Module):

@@ -123,7 +123,9 @@ class Runner(ABC):
         (its floating-point outputs there, flat and in order; the map from a tangent per input, None
         where it is held fixed, to those outputs' tangents). None where this runner has no such map
         (an op without a tangent rule, a runtime without one): the analysis then differentiates
-        autograd's backward, which costs three to four forwards per product where this costs one."""
+        autograd's backward, which costs three to four forwards per product where this costs one.
+        The forward runs in the caller's grad mode: on inputs that require grad, the outputs carry
+        autograd's graph of that same forward (the analysis runs the model once, not twice)."""
         return None
 
     @abstractmethod

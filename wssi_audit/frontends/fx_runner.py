@@ -366,11 +366,17 @@ class FxRunner(Runner):
         return self._call(overrides, _Plan(needed | boundary, {k: given[k] for k in boundary}, capture))
 
     def differentiable(self) -> tuple[Any, tuple[torch.Tensor, ...]] | None:
+        """The float32 copy is made once per runner where no node writes into a tensor (then no run
+        can change it, and it shares the source's float32 weights anyway); a graph that writes gets
+        a fresh copy per call."""
         conversions = self._conversions
-        # shared weights only where no node writes into a tensor; else a copy
-        module = _converted_copy(self._source, torch.float32, share=conversions is not None)
-        if conversions is not None:
-            _convert(module, conversions)
+        module = getattr(self, "_float32_module", None) if conversions is not None else None
+        if module is None:
+            # shared weights only where no node writes into a tensor; else a copy
+            module = _converted_copy(self._source, torch.float32, share=conversions is not None)
+            if conversions is not None:
+                _convert(module, conversions)
+                self._float32_module = module
         inputs = tuple(x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in self._original_inputs)
         return module, inputs
 

@@ -1,7 +1,7 @@
 """Jacobian-vector products J w of an fx GraphModule without autograd, for the measured gradient.
 
-`linearize` runs the graph forward once (no autograd) and keeps, per op, only what its
-linearization at that point needs: ReLU's result (its mask), max pooling's indices, eval
+`linearize` runs the graph forward once and keeps, per op, only what its linearization at that
+point needs: ReLU's result (its mask), max pooling's indices, eval
 BatchNorm's per-channel scale, the slope of a piecewise-linear op. Each J w is then one pass
 applying those linear maps to w (a convolution without its bias, a masked product): about one
 forward, where differentiating autograd's backward once more costs three to four.
@@ -137,7 +137,7 @@ class _Mask:
     refuses such a graph as well)."""
 
     def __init__(self, source: fx.Node, result: torch.Tensor) -> None:
-        self.source, self.result = source, result
+        self.source, self.result = source, result.detach()  # the storage, not autograd's graph of it
 
     def __call__(self, tangents: Tangents) -> torch.Tensor:
         return torch.ops.aten.threshold_backward.default(tangents[self.source], self.result, 0)
@@ -168,11 +168,6 @@ def _indices(site: _Site, value: Any) -> tuple[torch.Tensor, bool]:
     if isinstance(value, tuple):  # max_pool2d_with_indices, adaptive_max_pool2d, return_indices=True
         return value[1], True
     target, module = site.node.target, site.module
-    if isinstance(target, torch._ops.OpOverload):  # aten.max_pool2d: same arguments as the with_indices op
-        pooled = torch.ops.aten.max_pool2d_with_indices.default(
-            *site.value(site.node.args), **site.value(dict(site.node.kwargs))
-        )
-        return pooled[1], False
     if isinstance(module, nn.MaxPool2d):
         x = site.values[site.node.args[0]]
         pooled = F.max_pool2d(
@@ -196,8 +191,18 @@ def _max_pool(site: _Site) -> tuple[Any, Step]:
     source = site.first()
     if site.module is not None and site.node.kwargs:
         raise Decline(f"{site.node.name}: module called with keywords")
-    value = site.run()
-    indices, pair = _indices(site, value)
+    if site.node.target is torch.ops.aten.max_pool2d.default:
+        # the same arguments as the with_indices op, whose first result is this one's value (the
+        # entry each index names): one pooling, not a second for the indices; autograd's backward
+        # then scatters through these very indices
+        value, indices = torch.ops.aten.max_pool2d_with_indices.default(
+            *site.value(site.node.args), **site.value(dict(site.node.kwargs))
+        )
+        pair = False
+    else:
+        value = site.run()
+        with torch.no_grad():  # indices only: nothing for autograd to record
+            indices, pair = _indices(site, value)
     flat = indices.flatten(-2)
 
     def step(tangents: Tangents) -> Any:
@@ -245,17 +250,19 @@ def _batch_norm(site: _Site) -> tuple[Any, Step]:
         scale = scale * weight
     if primal.dim() < 2 or scale.numel() != primal.shape[1]:
         raise Decline(f"{site.node.name}: BatchNorm over an unexpected shape")
-    scale = scale.reshape(1, -1, *([1] * (primal.dim() - 2))).to(primal.dtype)
+    scale = scale.reshape(1, -1, *([1] * (primal.dim() - 2))).to(primal.dtype).detach()
     if isinstance(value, tuple):
         return value, lambda tangents: (tangents[source] * scale, None, None)
     return value, lambda tangents: tangents[source] * scale
 
 
-def _fit(tangent: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A tangent broadcast and cast as its op's result is (x + bias, x * a float64 scalar)."""
-    if tangent.shape != like.shape:
-        tangent = tangent.expand(like.shape)
-    return tangent if tangent.dtype == like.dtype else tangent.to(like.dtype)
+def _fit(tangent: torch.Tensor, like: tuple[torch.Size, torch.dtype]) -> torch.Tensor:
+    """A tangent broadcast and cast as its op's result is (x + bias, x * a float64 scalar). `like`:
+    the result's shape and dtype, not the result (a step holding it keeps its memory alive)."""
+    shape, dtype = like
+    if tangent.shape != shape:
+        tangent = tangent.expand(shape)
+    return tangent if tangent.dtype == dtype else tangent.to(dtype)
 
 
 def _arithmetic(kind: str) -> Rule:
@@ -277,7 +284,7 @@ def _arithmetic(kind: str) -> Rule:
             raise Decline(f"{site.node.name}: alpha computed in the graph")
         a_varies, b_varies = site.varies(a), site.varies(b)
         value = site.run()
-        like = value
+        like = (value.shape, value.dtype)
         if summed:
             coefficient = {"add": (1, alpha), "sub": (1, -alpha), "rsub": (-alpha, 1)}[kind]
 
@@ -333,6 +340,7 @@ def _addmm(site: _Site) -> tuple[Any, Step]:
     source = first if first_varies else second
     bias_varies = site.varies(bias) and beta != 0
     value = site.run()
+    like = (value.shape, value.dtype)
 
     def step(tangents: Tangents) -> Any:
         product = torch.mm(tangents[source], other) if first_varies else torch.mm(other, tangents[source])
@@ -340,7 +348,7 @@ def _addmm(site: _Site) -> tuple[Any, Step]:
             product = product * alpha
         if bias_varies:
             product = product + (tangents[bias] if beta == 1 else tangents[bias] * beta)
-        return _fit(product, value)
+        return _fit(product, like)
 
     return value, step
 
@@ -687,14 +695,35 @@ class Linearization:
 
 def linearize(gm: fx.GraphModule, inputs: Sequence[Any]) -> Linearization | None:
     """J of `gm` at `inputs` (every floating-point tensor input varies) as a `Linearization`, or
-    None when some op has no tangent rule here (then autograd must do it)."""
+    None when some op has no tangent rule here (then autograd must do it).
+
+    The forward runs in the caller's grad mode: given inputs that require grad under grad mode, the
+    outputs carry autograd's graph of this very forward, so that J^T u (autograd) and J w (the
+    steps) are of one computation and the caller need not run the model a second time. The steps
+    hold detached values (ReLU's result, max-pool indices, BN scales), never autograd's graph."""
     try:
         return _linearize(gm, inputs)
     except Decline:
         return None
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Hooks that run when `module` itself is called (its own, or every module's)."""
+    from torch.nn.modules import module as registry
+
+    own = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    every = (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    )
+    return any(getattr(module, name, None) for name in own) or any(getattr(registry, name, None) for name in every)
+
+
 def _linearize(gm: fx.GraphModule, inputs: Sequence[Any]) -> Linearization:
+    if _hooked(gm):  # calling gm would run them: its graph alone is not what it computes
+        raise Decline("hooks on the module")
     nodes = list(gm.graph.nodes)
     last_use: dict[fx.Node, int] = {}
     for index, node in enumerate(nodes):
@@ -711,27 +740,31 @@ def _linearize(gm: fx.GraphModule, inputs: Sequence[Any]) -> Linearization:
     results: list[tuple[fx.Node | None, tuple[int, ...], torch.Tensor]] = []
     outputs: list[torch.Tensor] = []
     values = forward.values
-    with torch.no_grad():
-        for index, node in enumerate(nodes):
-            if node.op == "placeholder":
-                leaf, argument = leaves.pop() if leaves else (None, None)
-                values[node] = leaf
-                forward.shared.add(node)
-                if argument is not None:
-                    forward.varying.add(node)
-                    bound.append((node, argument, (leaf.shape, leaf.dtype)))
-            elif node.op == "get_attr":
-                values[node] = forward.interpreter.run_node(node)
-                forward.shared.add(node)
-            elif node.op == "output":
-                _results(node, values, forward.varying, results, outputs)
-            elif not any(source in forward.varying for source in node.all_input_nodes):
-                values[node] = forward.interpreter.run_node(node)  # a constant: no tangent
+    for index, node in enumerate(nodes):
+        if node.op == "placeholder":
+            if leaves:
+                leaf, argument = leaves.pop()
+            elif node.args:  # a default, as the module's own forward would use
+                leaf, argument = node.args[0], None
             else:
-                values[node] = forward.step(node)
-            for source in node.all_input_nodes:
-                if last_use.get(source) == index:
-                    values.pop(source, None)
+                raise Decline(f"no input for {node.name}")
+            values[node] = leaf
+            forward.shared.add(node)
+            if argument is not None:
+                forward.varying.add(node)
+                bound.append((node, argument, (leaf.shape, leaf.dtype)))
+        elif node.op == "get_attr":
+            values[node] = forward.interpreter.run_node(node)
+            forward.shared.add(node)
+        elif node.op == "output":
+            _results(node, values, forward.varying, results, outputs)
+        elif not any(source in forward.varying for source in node.all_input_nodes):
+            values[node] = forward.interpreter.run_node(node)  # a constant: no tangent
+        else:
+            values[node] = forward.step(node)
+        for source in node.all_input_nodes:
+            if last_use.get(source) == index:
+                values.pop(source, None)
     if leaves:
         raise Decline("more inputs than the graph has placeholders")
     steps = [(node, step, expected, []) for node, (step, expected) in forward.steps.items()]
@@ -806,7 +839,7 @@ def _results(
             paths = [((), t) for t in torch.utils._pytree.tree_flatten(value)[0] if torch.is_tensor(t)]
         for path, tensor in paths:
             if tensor.is_floating_point():
-                results.append((leaf if leaf in varying else None, path, tensor))
+                results.append((leaf if leaf in varying else None, path, tensor.detach()))
                 outputs.append(tensor)
 
 
