@@ -79,24 +79,9 @@ def random_log10_factors(count: int, rng: random.Random, decades: float = 1.0) -
     return [d - mean for d in draws]
 
 
-def relative_error(reference: Iterable[torch.Tensor], other: Iterable[torch.Tensor]) -> float:
-    """max |a - b| / max |a| over all tensors (absolute when the reference is zero); NaN when any
-    value is not finite (a NaN must never compare as "unchanged")."""
-    scale, diff = 0.0, 0.0
-    for a, b in zip(reference, other):
-        if not a.numel():
-            continue
-        if a.shape != b.shape or not all_finite(a) or not all_finite(b):
-            return math.nan
-        scale = max(scale, float(a.abs().max()))
-        diff = max(diff, float((a - b).abs().max()))
-    return diff / scale if scale > 0 else diff
-
-
 class Reference:
-    """Tensors later runs are compared with, as `relative_error` compares them, with their
-    finiteness and largest magnitude worked out once: a chain's three shifted runs all compare
-    against the same values (tests/test_fast_paths.py: the same result as relative_error)."""
+    """Tensors later runs are compared with (`relative_error`), their finiteness and largest
+    magnitude worked out once: a chain's three shifted runs all compare against the same values."""
 
     def __init__(self, tensors: Iterable[torch.Tensor]) -> None:
         self.tensors = list(tensors)
@@ -105,9 +90,13 @@ class Reference:
         self.scale = max((float(t.abs().max()) for t in present), default=0.0) if self.finite else math.nan
 
     def error(self, other: Iterable[torch.Tensor]) -> float:
+        """max |a - b| / max |a| over the tensor pairs (absolute when the reference is zero); NaN when
+        any value is not finite or a pair differs in shape (a NaN must never compare as "unchanged").
+        Pairs as zip makes them: a longer side's extra tensors are not compared."""
         other = list(other)
         if len(other) != len(self.tensors):
-            return relative_error(self.tensors, other)
+            count = min(len(other), len(self.tensors))
+            return Reference(self.tensors[:count]).error(other[:count])
         if not self.finite:
             return math.nan
         diff = 0.0
@@ -118,6 +107,11 @@ class Reference:
                 return math.nan
             diff = max(diff, float((a - b).abs().max()))
         return diff / self.scale if self.scale > 0 else diff
+
+
+def relative_error(reference: Iterable[torch.Tensor], other: Iterable[torch.Tensor]) -> float:
+    """max |a - b| / max |a| over all tensor pairs (`Reference.error`), for a one-off comparison."""
+    return Reference(reference).error(other)
 
 
 def _finite(values: Iterable[torch.Tensor]) -> bool:
