@@ -90,7 +90,7 @@ def read_program(archive: VerifiedZip) -> ep.ExportedProgram:
     state_dict = _payloads(archive, layout.WEIGHTS_CONFIG_FILENAME_FORMAT.format(MODEL), layout.WEIGHTS_DIR, names)
     constants = _payloads(archive, layout.CONSTANTS_CONFIG_FILENAME_FORMAT.format(MODEL), layout.CONSTANTS_DIR, names)
     signature = _signature(serialized["signature"])
-    graph = _GraphBuilder(serialized["graph"], signature).build()
+    graph = _GraphBuilder(serialized["graph"]).build()
     program = ep.ExportedProgram(
         root=nn.Module(),  # the graph reads every tensor as an input: nothing to hold
         graph=graph,
@@ -192,8 +192,7 @@ def _payloads(archive: VerifiedZip, config: str, directory: str, names: set[str]
 
 
 def _flat_payload(data: bytes, dtype: torch.dtype) -> torch.Tensor:
-    size = torch.empty(0, dtype=dtype).element_size()
-    if len(data) % size:
+    if len(data) % dtype.itemsize:
         raise Unsupported(f"a payload of {len(data)} bytes is not a whole number of {dtype} elements")
     if not data:
         return torch.empty(0, dtype=dtype)
@@ -247,8 +246,8 @@ def _operator(target: str) -> torch._ops.OpOverload:
 class _GraphBuilder:
     """The serialized graph as an fx.Graph named and laid out as torch's deserializer lays it out."""
 
-    def __init__(self, serialized: Mapping[str, Any], signature: ExportGraphSignature) -> None:
-        self.serialized, self.signature = serialized, signature
+    def __init__(self, serialized: Mapping[str, Any]) -> None:
+        self.serialized = serialized
         self.graph = fx.Graph()
         self.nodes: dict[str, fx.Node] = {}
         self.metas = serialized["tensor_values"]

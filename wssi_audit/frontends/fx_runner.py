@@ -271,6 +271,7 @@ class FxRunner(Runner):
                 self._from_parameters.add(node.name)
         self._keys: set[str] | None = None
         self._aliases: dict[str, list[str]] | None = None
+        self._float32_module: fx.GraphModule | None = None  # differentiable()'s copy, where nothing writes
         self._proven = False  # a first run succeeded in `dtype`
 
     @functools.cached_property
@@ -370,7 +371,7 @@ class FxRunner(Runner):
         can change it, and it shares the source's float32 weights anyway); a graph that writes gets
         a fresh copy per call."""
         conversions = self._conversions
-        module = getattr(self, "_float32_module", None) if conversions is not None else None
+        module = self._float32_module if conversions is not None else None
         if module is None:
             # shared weights only where no node writes into a tensor; else a copy
             module = _converted_copy(self._source, torch.float32, share=conversions is not None)

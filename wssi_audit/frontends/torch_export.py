@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.export.graph_signature import TensorArgument
+from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
 
 from ..ir import Graph
 from .fx_convert import FxConverter
@@ -99,7 +99,7 @@ def _copy_inlined(graph: fx.Graph, owner: nn.Module, into: fx.Graph, env: dict[f
 
 # Inputs a plain program reads as tensors; anything else (a mutation output, a token, a custom object)
 # is left to torch's own unlifting.
-_STATE_KINDS = ("PARAMETER", "BUFFER", "CONSTANT_TENSOR")
+_STATE_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 
 
 def unlifted_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
@@ -108,9 +108,9 @@ def unlifted_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
     returns user outputs; `program.module()` otherwise (it imports torch._dynamo: a second)."""
     signature = program.graph_signature
     plain = all(
-        spec.kind.name in (*_STATE_KINDS, "USER_INPUT") and isinstance(spec.arg, TensorArgument)
+        spec.kind in (*_STATE_KINDS, InputKind.USER_INPUT) and isinstance(spec.arg, TensorArgument)
         for spec in signature.input_specs
-    ) and all(spec.kind.name == "USER_OUTPUT" for spec in signature.output_specs)
+    ) and all(spec.kind is OutputKind.USER_OUTPUT for spec in signature.output_specs)
     if not plain:
         return program.module()
     tensors = {**program.state_dict, **(getattr(program, "constants", None) or {})}
@@ -121,10 +121,10 @@ def unlifted_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
     env: dict[fx.Node, fx.Node] = {}
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
     for node, spec in zip(placeholders, signature.input_specs):
-        if spec.kind.name in _STATE_KINDS:
+        if spec.kind in _STATE_KINDS:
             if spec.target not in tensors:
                 return program.module()
-            _set_tensor(root, spec.target, tensors[spec.target], buffer=spec.kind.name != "PARAMETER")
+            _set_tensor(root, spec.target, tensors[spec.target], buffer=spec.kind is not InputKind.PARAMETER)
             env[node] = graph.get_attr(spec.target)
         else:
             env[node] = graph.placeholder(node.name)
