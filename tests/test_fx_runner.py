@@ -147,3 +147,29 @@ def test_the_differentiable_copy_shares_weights_only_when_nothing_writes():
     assert copied.get_submodule("0").weight.data_ptr() != traced.get_submodule("0").weight.data_ptr(), (
         "a module call may write: the weights are copied"
     )
+
+
+def test_an_exported_graph_runs_as_it_is_on_private_copies_of_its_tensors():
+    """torch.export's graphs read every tensor through get_attr: the runner runs the source graph
+    (no module copy) with its own tensors, in-place ops run as their twins, and the model, even
+    one already in float64, is never changed or shared."""
+    gm, x = _exported()
+    gm, x = gm.double(), x.double()
+    targets = [(n.name, n.target) for n in gm.graph.nodes]
+    state = {k: v.clone() for k, v in gm.state_dict().items()}
+    runner = FxRunner(gm, (x,))
+    scaled = gm.conv.weight.detach() * 10.0
+    (value,) = runner.run({"conv.weight": scaled})[FxRunner.OUTPUT]  # the output node's values
+
+    reference = copy.deepcopy(gm)
+    with torch.no_grad():
+        reference.conv.weight.copy_(scaled)
+        expected = reference(x)
+    assert not torch.equal(expected, gm(x)), "control: the override changes the output"
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+    assert runner._module is not None and runner._module.gm is gm, "the source graph ran, not a copy"
+    assert [(n.name, n.target) for n in gm.graph.nodes] == targets and _writers(gm), "the graph is as it was"
+    assert all(torch.equal(v, state[k]) for k, v in gm.state_dict().items()), "the model's tensors are unchanged"
+    assert runner._attributes is not None
+    source = {t.untyped_storage().data_ptr() for t in gm.state_dict().values()}
+    assert not source & {t.untyped_storage().data_ptr() for t in runner._attributes.values()}, "no storage shared"

@@ -2,7 +2,9 @@
 analyses: whole, or one segment of it on given boundary values, with some tensors replaced.
 
 Internal node names are the fx node names (both fx front-ends keep them), so a segment is a set of
-internal node names. The graph runs in a private float64 copy, made on first use.
+internal node names. The graph runs on private float64 copies of its tensors, made on first use:
+torch.export's graphs (every tensor read through get_attr) run as they are, a symbolic trace whose
+module calls own tensors runs as a converted deep copy.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from ..ir import Runner
 class _Evaluate(nn.Module):
     """Holds the GraphModule so that torch.func.functional_call can swap its tensors for one run."""
 
-    def __init__(self, gm: fx.GraphModule, functional: bool) -> None:
+    def __init__(self, gm: fx.GraphModule, functional: bool, targets: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.gm = gm
-        self.schedule = _Schedule(gm, functional)  # get_attr is looked up at run time: it sees the swapped tensors
+        # get_attr is looked up at run time: it sees the swapped tensors
+        self.schedule = _Schedule(gm, functional, targets)
 
     def forward(self, plan: _Plan, inputs: Sequence[Any]) -> dict[str, Any]:
         return plan.execute(self.schedule, inputs)
@@ -35,10 +38,12 @@ class _Evaluate(nn.Module):
 class _Schedule:
     """A GraphModule's nodes in order, each one's position and last reader: worked out once, not
     per run (a self-check runs a graph's segments dozens of times). `functional`: no node writes
-    into a tensor, so given and kept values need no copies."""
+    into a tensor, so given and kept values need no copies. `targets`: node name -> the operator
+    run in place of the node's own (an in-place op's out-of-place twin), the graph left as it is."""
 
-    def __init__(self, gm: fx.GraphModule, functional: bool) -> None:
+    def __init__(self, gm: fx.GraphModule, functional: bool, targets: Mapping[str, Any] | None = None) -> None:
         self.gm = gm
+        self.targets = {node: targets[node.name] for node in gm.graph.nodes if node.name in (targets or {})}
         self.nodes = list(gm.graph.nodes)
         self.position = {node.name: index for index, node in enumerate(self.nodes)}
         self.last_use: dict[fx.Node, int] = {}
@@ -84,6 +89,9 @@ class _Plan:
                     kept[node.name] = interpreter.fetch_args_kwargs_from_env(node)[0][0]
                 elif node.op == "get_attr" and node.target in attributes:
                     env[node] = attributes[node.target]
+                elif node in schedule.targets:
+                    args, kwargs = interpreter.fetch_args_kwargs_from_env(node)
+                    env[node] = schedule.targets[node](*args, **kwargs)
                 else:
                     env[node] = interpreter.run_node(node)
                 if node.name in self.capture and node in env:
@@ -107,14 +115,35 @@ def _attribute_aliases(gm: fx.GraphModule) -> dict[str, list[str]] | None:
             if next(owner.parameters(), None) is not None or next(owner.buffers(), None) is not None:
                 return None
     targets: dict[int, list[str]] = {}
+    for target, value in _attribute_tensors(gm).items():
+        targets.setdefault(id(value), []).append(target)
+    return {target: group for group in targets.values() for target in group}
+
+
+def _attribute_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """get_attr target -> the tensor it reads, for every get_attr node that reads a tensor."""
+    found: dict[str, torch.Tensor] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             value = gm
             for part in str(node.target).split("."):
                 value = getattr(value, part)
-            if torch.is_tensor(value) and str(node.target) not in targets.setdefault(id(value), []):
-                targets[id(value)].append(str(node.target))
-    return {target: group for group in targets.values() for target in group}
+            if torch.is_tensor(value):
+                found[str(node.target)] = value
+    return found
+
+
+def _private_attributes(gm: fx.GraphModule, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every get_attr target's tensor as a private copy (floating point ones in `dtype`); a tensor
+    read under two names (tied weights) stays one tensor."""
+    copies: dict[int, torch.Tensor] = {}
+    found = {}
+    for target, tensor in _attribute_tensors(gm).items():
+        if id(tensor) not in copies:
+            value = tensor.detach()
+            copies[id(tensor)] = value.to(dtype, copy=True) if value.is_floating_point() else value.clone()
+        found[target] = copies[id(tensor)]
+    return found
 
 
 def _copy(value: Any) -> Any:
@@ -271,6 +300,9 @@ class FxRunner(Runner):
                 self._from_parameters.add(node.name)
         self._keys: set[str] | None = None
         self._aliases: dict[str, list[str]] | None = None
+        # where every tensor is read through get_attr: their private copies, and the source graph
+        # runs as it is (no copy of the module)
+        self._attributes: dict[str, torch.Tensor] | None = None
         self._float32_module: fx.GraphModule | None = None  # differentiable()'s copy, where nothing writes
         self._proven = False  # a first run succeeded in `dtype`
 
@@ -280,14 +312,22 @@ class FxRunner(Runner):
         return in_place_conversions(self._source)
 
     def _ready(self) -> _Evaluate:
+        """The graph to run and its tensors in `dtype`: where every tensor is read through get_attr
+        (torch.export's graphs), the source graph itself with private copies of its tensors and
+        in-place ops run as their twins; else (a module call owns tensors) a converted deep copy."""
         if self._module is None:
-            module = _converted_copy(self._source, self.dtype)
-            conversions = self._conversions
-            if conversions is not None:
-                _convert(module, conversions)
-            self._module = _Evaluate(module, conversions is not None)
-            self._keys = {k for k, _ in module.named_parameters()} | {k for k, _ in module.named_buffers()}
-            self._aliases = _attribute_aliases(module)
+            source, conversions = self._source, self._conversions
+            self._aliases = _attribute_aliases(source)
+            if self._aliases is not None:
+                self._attributes = _private_attributes(source, self.dtype)
+                self._module = _Evaluate(source, conversions is not None, conversions)
+            else:
+                self._attributes = None
+                module = _converted_copy(source, self.dtype)
+                if conversions is not None:
+                    _convert(module, conversions)
+                self._module = _Evaluate(module, conversions is not None)
+            self._keys = {k for k, _ in source.named_parameters()} | {k for k, _ in source.named_buffers()}
             self._inputs = tuple(
                 x.to(self.dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in self._original_inputs
             )
@@ -313,8 +353,10 @@ class FxRunner(Runner):
         unknown = set(overrides) - self._keys
         if unknown:
             raise KeyError(f"tensors not in the traced module: {', '.join(sorted(unknown)[:5])}")
-        if self._aliases is not None and all(k in self._aliases for k in overrides):
-            attributes = {alias: v.to(self.dtype) for k, v in overrides.items() for alias in self._aliases[k]}
+        if self._attributes is not None and self._aliases is not None:
+            # a tensor no get_attr reads has no alias: replacing it changes nothing
+            attributes = {**self._attributes}
+            attributes.update((a, v.to(self.dtype)) for k, v in overrides.items() for a in self._aliases.get(k, ()))
             with torch.no_grad():
                 return plan.execute(module.schedule, self._inputs, attributes)
         swapped = {f"gm.{k}": v.to(self.dtype) for k, v in overrides.items()}
