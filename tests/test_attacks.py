@@ -395,6 +395,14 @@ def _escaping_payload(honest: Path, target: Path) -> Path:
     return write_members(target, edit_json(read_members(honest), "model_weights_config.json", escape))
 
 
+def _prefixed(honest: Path, target: Path) -> Path:
+    """Bytes before the zip: Python's zipfile reads it (it finds the offset), torch's reader does not."""
+    target.write_bytes(b"\0" * 64 + honest.read_bytes())
+    with zipfile.ZipFile(target) as archive:
+        assert archive.testzip() is None, "control: zipfile reads every member of the prefixed archive"
+    return target
+
+
 CORRUPTIONS = {
     "crc": (lambda h, t: flip_byte(h, "data/weights/weight_2", t), "CRC"),
     "truncated": (_truncated, "not a zip archive"),
@@ -402,6 +410,7 @@ CORRUPTIONS = {
     "unknown-member": (lambda h, t: _with_member(h, t, "data/notes.bin", b"hello"), "not part of"),
     "duplicate-member": (_duplicate, "duplicate"),
     "payload-path-escapes": (_escaping_payload, "points outside"),
+    "unreadable-by-torch": (_prefixed, "not a readable"),
 }
 
 
