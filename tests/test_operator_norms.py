@@ -7,6 +7,7 @@ upper is proven), every lower value below it, for every layer kind, geometry and
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from wssi_audit.analysis.conv_geometry import conv_axes
+from wssi_audit.analysis.conv_gram import frequency_count, unique_frequencies
 from wssi_audit.analysis.conv_plans import KINDS
 from wssi_audit.analysis.operator_norms import (
     LayerSpec,
@@ -385,3 +387,18 @@ def test_a_deflated_folded_convolution_reports_a_lower_value_of_the_convolution(
     bound = _bound(layer, "auto", budget=0.0)
     assert "deflated" in bound.method
     assert_brackets(bound, _reference(layer))
+
+
+@given(st.lists(st.integers(1, 12), max_size=3))
+def test_the_frequency_count_is_the_number_of_frequencies_listed(periods):
+    """The plan search counts frequencies in closed form; the Gram blocks list them. Both must
+    agree, and the list must hold exactly one of each pair {omega, -omega}."""
+    listed = unique_frequencies(periods)
+    assert frequency_count(periods) == len(listed)
+
+    def negative(r):
+        return tuple((-x) % p for x, p in zip(r, periods))
+
+    kept = set(listed)
+    assert kept | {negative(r) for r in listed} == set(itertools.product(*(range(p) for p in periods)))
+    assert len(kept) == len(listed) and all(negative(r) == r or negative(r) not in kept for r in listed)

@@ -39,6 +39,14 @@ def unique_frequencies(periods: Sequence[int]) -> list[tuple[int, ...]]:
     return [r for r in grid if r <= tuple((-x) % p for x, p in zip(r, periods))]
 
 
+def frequency_count(periods: Sequence[int]) -> int:
+    """len(unique_frequencies(periods)) without listing them: the pairs {omega, -omega} of the
+    prod(periods) frequencies, plus the frequencies equal to their own negative (per axis 0, and
+    p / 2 when p is even), which pair with themselves."""
+    total, own = math.prod(periods), math.prod(2 if p % 2 == 0 else 1 for p in periods)
+    return (total + own) // 2
+
+
 def exact_pattern(axis: Axis, side: str) -> torch.Tensor:
     """(taps, taps, a, a): B_t^T B_t' (input side, a = size) or B_t B_t'^T (output side, a = outputs)."""
     b = axis.tap_matrices()

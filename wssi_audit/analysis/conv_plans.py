@@ -14,6 +14,7 @@ a ranking in rough decades, not a bound.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ import torch
 
 from ..errors import InputError
 from .conv_geometry import Axis
-from .conv_gram import unique_frequencies
+from .conv_gram import frequency_count
 from .deflated_bound import deflated_cost
 
 KINDS = ("exact", "circulant", "overlap")
@@ -78,8 +79,10 @@ class Folded:
     side: str  # "input": Gram blocks of A^T A; "output": of A A^T
 
 
+@functools.cache
 def overlap(axis: Axis) -> int:
-    """Most (output, tap) pairs that read one input position of this axis."""
+    """Most (output, tap) pairs that read one input position of this axis (cached: a plan search
+    asks it of every candidate)."""
     return int(axis.tap_matrices().sum(dim=(0, 1)).max())
 
 
@@ -135,7 +138,7 @@ def make_plan(problem: Problem, kinds: tuple[str, ...]) -> Plan:
         for a, e in zip(axes, exact)
     )
     size = channels * spatial
-    frequencies = len(unique_frequencies([a.circulant_period() // a.stride for a, e in zip(axes, exact) if not e]))
+    frequencies = frequency_count([a.circulant_period() // a.stride for a, e in zip(axes, exact) if not e])
     taps = math.prod(len(a.taps) for a in axes)
     complex_factor = 1 if all(exact) else 4
     cost = groups * (
