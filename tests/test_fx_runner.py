@@ -173,3 +173,35 @@ def test_an_exported_graph_runs_as_it_is_on_private_copies_of_its_tensors():
     assert runner._attributes is not None
     source = {t.untyped_storage().data_ptr() for t in gm.state_dict().values()}
     assert not source & {t.untyped_storage().data_ptr() for t in runner._attributes.values()}, "no storage shared"
+
+
+class _AutocastRegion(nn.Module):
+    """torch.export puts the region in a subgraph (wrap_with_autocast), read through get_attr."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", enabled=False):
+            y = self.a(x).relu()
+        return self.b(y)
+
+
+def test_a_graph_that_reads_a_subgraph_runs_as_a_converted_copy():
+    """A subgraph may hold tensors the top graph's get_attr does not name: the direct path would
+    leave them in float32, so such a graph runs as a float64 deep copy, as before."""
+    from wssi_audit.frontends.torch_export import unlifted_module
+
+    torch.manual_seed(0)
+    model, x = _AutocastRegion().eval(), torch.randn(2, 4)
+    gm = unlifted_module(torch.export.export(model, (x,), strict=False))
+    read = [gm.get_submodule(str(n.target)) for n in gm.graph.nodes if n.op == "get_attr" and "." not in n.target]
+    assert any(isinstance(m, fx.GraphModule) for m in read), "control: the graph reads a subgraph"
+    runner = FxRunner(gm, (x,))
+    (value,) = runner.run({})[FxRunner.OUTPUT]
+    assert runner._attributes is None and runner._module is not None and runner._module.gm is not gm
+    assert value.dtype == torch.float64
+    with torch.no_grad():
+        expected = copy.deepcopy(model).double()(x.double())
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)

@@ -312,13 +312,18 @@ class FxRunner(Runner):
         return in_place_conversions(self._source)
 
     def _ready(self) -> _Evaluate:
-        """The graph to run and its tensors in `dtype`: where every tensor is read through get_attr
-        (torch.export's graphs), the source graph itself with private copies of its tensors and
-        in-place ops run as their twins; else (a module call owns tensors) a converted deep copy."""
+        """The graph to run and its tensors in `dtype`: where the graph reads every tensor, and
+        nothing but tensors, through get_attr (torch.export's graphs), the source graph itself with
+        private copies of its tensors and in-place ops run as their twins; else (a module call
+        owns tensors, a subgraph is read) a converted deep copy."""
         if self._module is None:
             source, conversions = self._source, self._conversions
             self._aliases = _attribute_aliases(source)
-            if self._aliases is not None:
+            # a get_attr of a subgraph (a higher-order op's) may hold tensors of its own: copy then
+            direct = self._aliases is not None and all(
+                n.op != "get_attr" or str(n.target) in self._aliases for n in source.graph.nodes
+            )
+            if direct:
                 self._attributes = _private_attributes(source, self.dtype)
                 self._module = _Evaluate(source, conversions is not None, conversions)
             else:
