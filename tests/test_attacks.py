@@ -9,6 +9,7 @@ corrupt weights silently, so the refusal is what stops it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -239,6 +240,69 @@ def _enum_import(items, marker, work):
     return edit_json(items, "models/model.json", inject)
 
 
+def _renamed(items: Items, old: str, new: str) -> Items:
+    """Value `old` renamed `new` wherever the graph and its signature name it."""
+
+    def rename(document):
+        text = json.dumps(document).replace(json.dumps({"name": old}), json.dumps({"name": new}))
+        document.clear()
+        document.update(json.loads(text))
+        graph = document["graph_module"]["graph"]
+        graph["tensor_values"][new] = graph["tensor_values"].pop(old)
+
+    return edit_json(items, "models/model.json", rename)
+
+
+def _placeholder_name(items, marker, _):
+    """A value name is written into the generated forward's signature: a default argument runs
+    when torch compiles it (GraphModule.recompile, inside torch.export.load)."""
+    return _renamed(items, "input", f"input=open({str(marker)!r}, 'w')")
+
+
+def _forward_arg_names(items, marker, _):
+    """forward_arg_names become the unlifted module's signature (ExportedProgram.module())."""
+
+    def inject(document):
+        signature = document["graph_module"]["module_call_graph"][0]["signature"]
+        signature["forward_arg_names"] = [f'input=open({str(marker)!r}, "w")):\n    """, (([0']
+
+    return edit_json(items, "models/model.json", inject)
+
+
+def _parameter_name(items, marker, _):
+    """A qualified name is written into code as getattr(self, "..."): a quote ends the string.
+    (No dot may appear in the payload: torch splits the name at dots; the path goes as bytes.)"""
+    path = "bytes([" + ",".join(str(b) for b in str(marker).encode()) + "])"
+    evil = f'0.x")if open({path},"w")else("'  # the condition runs first
+
+    def in_signature(document):
+        for spec in document["graph_module"]["signature"]["input_specs"]:
+            if spec.get("parameter", {}).get("parameter_name") == "0.weight":
+                spec["parameter"]["parameter_name"] = evil
+
+    def in_weights(document):
+        document["config"][evil] = document["config"].pop("0.weight")
+
+    items = edit_json(items, "models/model.json", in_signature)
+    return edit_json(items, "model_weights_config.json", in_weights)
+
+
+def _enum_behind_blank(items, marker, work):
+    """The enum of `_enum_import`, its context string starting with a blank (json.loads skips it)."""
+    module = f"evil_{uuid.uuid4().hex[:8]}"
+    (work / f"{module}.py").write_text(f"open({str(marker)!r}, 'w')\nimport enum\nclass E(enum.Enum):\n    A = 1\n")
+
+    def inject(document):
+        signature = document["graph_module"]["module_call_graph"][0]["signature"]
+        spec = json.loads(signature["in_spec"])
+        kwargs = spec[1]["children_spec"][1]
+        kwargs["context"] = " " + json.dumps([{"__enum__": True, "fqn": f"{module}:E", "name": "A"}])
+        kwargs["children_spec"] = [{"type": None, "context": None, "children_spec": []}]
+        signature["in_spec"] = json.dumps(spec)
+
+    return edit_json(items, "models/model.json", inject)
+
+
 OPAQUE = hasattr(pt2_constants, "OPAQUE_OBJ_FILENAME_PREFIX")  # opaque objects: torch 2.13 and later
 ATTACKS = [
     Attack("sample-inputs-pickle", _sample_inputs, "needs io.open", "load"),
@@ -252,6 +316,10 @@ ATTACKS = [
     Attack("shape-expression", _shape_expression, "shape expression", "load"),
     Attack("from-file-operator", _from_file_operator, "opens files", "run"),
     Attack("enum-import", _enum_import, "imports module", "load"),
+    Attack("enum-behind-a-blank", _enum_behind_blank, "imports module", "load"),
+    Attack("placeholder-name", _placeholder_name, "is not a Python identifier", "load"),
+    Attack("forward-arg-names", _forward_arg_names, "is not a Python identifier", "run"),
+    Attack("parameter-name", _parameter_name, "is not a qualified name", "run"),
 ]
 
 
@@ -603,3 +671,46 @@ def test_guards_may_call_pure_builtins_but_nothing_else() -> None:
     for hostile in ("__import__('os').system('x')", "max.__self__", "getattr(L, 'x')", "max(1, key=print)"):
         with pytest.raises(InputError):
             check_guard(hostile)
+
+
+class ScaledInput(torch.nn.Module):
+    """A forward with a keyword argument: the input spec's kwargs keys name it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3)
+
+    def forward(self, x: torch.Tensor, *, scale: torch.Tensor) -> torch.Tensor:
+        return self.conv(x * scale).relu()
+
+
+def _keyword_key_archive(tmp_path: Path, key: str) -> Path:
+    honest = tmp_path / "kwargs.pt2"
+    torch.export.save(torch.export.export(ScaledInput(), (torch.randn(1, 1, 6, 6),), {"scale": torch.ones(1)}), honest)
+
+    def inject(document):
+        signature = document["graph_module"]["module_call_graph"][0]["signature"]
+        spec = json.loads(signature["in_spec"])
+        assert json.loads(spec[1]["children_spec"][1]["context"]) == ["scale"], "control: the kwargs spec as assumed"
+        spec[1]["children_spec"][1]["context"] = json.dumps([key])
+        signature["in_spec"] = json.dumps(spec)
+
+    return write_members(tmp_path / "crafted.pt2", edit_json(read_members(honest), "models/model.json", inject))
+
+
+def test_a_keyword_argument_key_written_into_code_is_refused(tmp_path):
+    """torch writes the kwargs keys into the unlifted forward as {'key': value}: a quote in a key
+    ends the string. Refused by audit and check; torch's generated forward runs it (a call through
+    the module's __call__ first compares the keys with the spec's, which fails on this key)."""
+    marker = tmp_path / "kwargs.marker"
+    key = f"""scale':open("{marker}","w"),'z"""
+    path = _keyword_key_archive(tmp_path, key)
+    for command in ("audit", "check"):
+        result = runner.invoke(app, [*commands(path, tmp_path)[command], "--input-shape", "1,1,6,6"])
+        assert_refused(result, "is not a Python identifier", command)
+        assert not marker.exists()
+    program = torch.export.load(str(path))
+    args, kwargs = program.example_inputs
+    with contextlib.suppress(Exception):  # the generated forward's first line runs it
+        program.module().forward(*args, kwargs["scale"])
+    assert marker.exists(), "control: without the scan, torch runs the key"

@@ -43,8 +43,10 @@ from .safe_graph import (
     TRUST_HINT,
     UnsafeContent,
     check_guard,
+    check_qualified_name,
     check_shape_expression,
     check_target_name,
+    check_value_name,
     file_operator_names,
 )
 
@@ -246,9 +248,9 @@ def scan_pt2(path: Path, trust: bool = False) -> tuple[VerifiedZip, Pt2Scan]:
         scan.models += 1
         member = layout["models"].format(model)
         try:
-            check_program_json(_read_json(archive, member), path.name)
-        except UnsafeContent as error:
-            raise UnsafeContent(shorten(f"{path.name}: {error}")) from None
+            check_program_json(_read_json(archive, member), member)
+        except InputError as error:  # UnsafeContent too: the same class, with the file named
+            raise type(error)(shorten(f"{path.name}: {error}")) from None
         accounted.add(member)
         for pickled in (
             layout["sample_inputs"].format(model),
@@ -297,6 +299,7 @@ def _scan_payloads(
     referenced: set[str] = set()
     pickled: set[str] = set()
     for fqn, entry in entries.items():
+        check_qualified_name(fqn, f"{archive.path.name}: {config} entry")
         file_name = entry.get("path_name") if isinstance(entry, dict) else None
         if not isinstance(file_name, str) or not PAYLOAD_NAME.fullmatch(file_name):
             raise UnsafeContent(shorten(f"{archive.path.name}: {config} entry {fqn} points outside {directory}"))
@@ -317,8 +320,16 @@ def _scan_payloads(
     return referenced
 
 
+# Keys of models/<name>.json whose strings torch writes into generated code (safe_graph): value
+# names, maps keyed by value names, qualified names of parameters, buffers, constants and modules.
+VALUE_NAME_KEYS = frozenset({"name", "as_name", "user_input_name"})
+VALUE_MAPS = frozenset({"tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values", "custom_obj_values"})
+QUALIFIED_NAME_KEYS = frozenset({"parameter_name", "buffer_name", "tensor_constant_name", "custom_obj_name", "fqn"})
+
+
 def check_program_json(document: Any, where: str) -> None:
-    """The parts of models/<name>.json that torch evaluates, compiles, resolves or imports."""
+    """The parts of models/<name>.json that torch evaluates, compiles, resolves, imports or writes
+    into code it runs."""
     stack: list[Any] = [document]
     while stack:
         value = stack.pop()
@@ -330,7 +341,18 @@ def check_program_json(document: Any, where: str) -> None:
         if isinstance(value.get("target"), str) and "inputs" in value:
             check_target_name(value["target"])
         for key, item in value.items():
-            if key == "as_operator" and isinstance(item, str):
+            if key in VALUE_NAME_KEYS and isinstance(item, str):
+                check_value_name(item, f"{where}: value name")
+            elif key in QUALIFIED_NAME_KEYS and isinstance(item, str):
+                check_qualified_name(item, f"{where}: {key.replace('_', ' ')}")
+            elif key == "forward_arg_names" and isinstance(item, list):
+                for name in item:
+                    check_value_name(name, f"{where}: forward argument name")
+            elif key in VALUE_MAPS and isinstance(item, dict):
+                for name in item:
+                    check_value_name(name, f"{where}: value name")
+                stack.extend(item.values())
+            elif key == "as_operator" and isinstance(item, str):
                 check_target_name(item)
             elif key == "expr_str":  # sympify also evaluates the strings inside a list
                 if not isinstance(item, str):
@@ -348,7 +370,8 @@ def check_program_json(document: Any, where: str) -> None:
 
 
 def _check_treespec(text: str, where: str) -> None:
-    """pytree specs: contexts are JSON that may name an enum or a factory to import."""
+    """pytree specs: contexts are JSON that may name an enum or a factory to import, and the keys
+    of the forward's keyword arguments, which torch writes into code it runs."""
     try:
         spec = json.loads(text)
     except json.JSONDecodeError:
@@ -369,9 +392,29 @@ def _check_treespec(text: str, where: str) -> None:
                     shorten(f"{where}: an input specification imports module '{factory}'. {TRUST_HINT}")
                 )
             stack.extend(value.values())
-        elif isinstance(value, str) and value[:1] in ("[", "{"):
-            with contextlib.suppress(json.JSONDecodeError):
-                stack.append(json.loads(value))
+        elif isinstance(value, str):  # any string torch may decode as JSON (leading blanks included)
+            with contextlib.suppress(json.JSONDecodeError, RecursionError):
+                decoded = json.loads(value)
+                if isinstance(decoded, (list, dict)):
+                    stack.append(decoded)
+    for key in _keyword_argument_keys(spec):
+        check_value_name(key, f"{where}: keyword argument")
+
+
+def _keyword_argument_keys(spec: Any) -> list[Any]:
+    """The keys of the (args, kwargs) input spec's kwargs dict: [version, {type: tuple, children_spec:
+    [args spec, {type: builtins.dict, context: JSON list of keys}]}]; none for any other shape."""
+    node = spec[1] if isinstance(spec, list) and len(spec) == 2 else None
+    children = node.get("children_spec") if isinstance(node, dict) else None
+    kwargs = children[1] if isinstance(children, list) and len(children) == 2 else None
+    context = kwargs.get("context") if isinstance(kwargs, dict) else None
+    if not isinstance(context, str):
+        return []
+    try:
+        keys = json.loads(context)
+    except (json.JSONDecodeError, RecursionError):
+        return []
+    return keys if isinstance(keys, list) else []
 
 
 # --- TorchScript archives -------------------------------------------------------------------------

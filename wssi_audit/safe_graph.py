@@ -1,23 +1,30 @@
 """Can this exported graph run without running code that came from the file?
 
-A torch.export program is data, but three parts of it reach Python's `eval`/`exec` or the file
+A torch.export program is data, but four parts of it reach Python's `eval`/`exec` or the file
 system when torch loads or runs it (torch 2.14 sources, checked by tests/test_attacks.py):
 
 - symbolic shape expressions (`expr_str`) go through `sympy.sympify`, which evaluates them;
 - `guards_code` strings are compiled with `exec` into the module's input-guard function;
+- names are written into the Python source that torch.fx generates and `exec`s for the graph
+  (`GraphModule.recompile`) and for its unlifted module (`ExportedProgram.module()`): value names
+  become argument and variable names, qualified names of parameters and buffers attribute paths
+  (`getattr(self, "...")` where a part is not an identifier), `forward_arg_names` and the
+  keyword-argument keys of the input specification the forward's signature;
 - a node's `target` names any operator torch can resolve, including `aten::from_file`, which
   creates and maps files.
 
 This module says which of those are plain data: expressions and guards must parse into a small
 grammar (numbers, symbols, arithmetic, comparisons, calls of a listed set of sympy/torch
-shape functions), and targets must be tensor operators that touch no files. Everything else is
-refused unless the user trusts the file.
+shape functions), names must be identifiers (qualified names: dot-separated word characters and
+hyphens), and targets must be tensor operators that touch no files. Everything else is refused
+unless the user trusts the file.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import keyword
 import math
 import operator
 import re
@@ -56,6 +63,8 @@ GUARD_KEY = re.compile(r"[A-Za-z0-9_]*")
 # Namespaces whose operators read tensors from outside the program (debug content stores).
 DENIED_NAMESPACES = frozenset({"debugprims"})
 FILE_ARGUMENT = re.compile(r"file|path")
+# One part of a qualified name (layer1.0.conv1.weight; a ModuleDict key may hold a hyphen).
+QUALIFIED_PART = re.compile(r"[\w-]+")
 
 _OPERATORS = (
     ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow,
@@ -121,6 +130,24 @@ def check_shape_expression(text: str) -> None:
 
 # Pure builtins torch 2.9 writes into guards (max(1, L['x'].size()[2] // 2) after a pooling).
 GUARD_BUILTINS = ("max", "min", "abs")
+
+
+def _written_into_code(what: str, name: Any, kind: str) -> UnsafeContent:
+    shown = repr(name) if len(repr(name)) <= 48 else repr(name)[:45] + "..."
+    return UnsafeContent(f"{what} {shown} is not {kind}; torch writes it into code it runs. {TRUST_HINT}")
+
+
+def check_value_name(name: Any, what: str) -> None:
+    """A name torch.fx writes into generated code as an argument or variable: an identifier."""
+    if not (isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)):
+        raise _written_into_code(what, name, "a Python identifier")
+
+
+def check_qualified_name(name: Any, what: str) -> None:
+    """A parameter's or module's qualified name, which torch.fx writes into generated code as an
+    attribute path: parts of word characters and hyphens ('' is the root module)."""
+    if not (isinstance(name, str) and (name == "" or all(QUALIFIED_PART.fullmatch(p) for p in name.split(".")))):
+        raise _written_into_code(what, name, "a qualified name")
 
 
 def check_guard(text: str) -> None:
