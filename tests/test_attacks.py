@@ -14,6 +14,8 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
 import uuid
 import zipfile
 from collections.abc import Callable
@@ -303,6 +305,33 @@ def _enum_behind_blank(items, marker, work):
     return edit_json(items, "models/model.json", inject)
 
 
+def _unchecked_view(items, marker, _):
+    """The first conv's bias read through aten._reshape_alias with stride 4096: sizes and strides
+    are taken as given, no bounds check, so the conv reads memory past the bias's payload."""
+
+    def inject(document):
+        graph = document["graph_module"]["graph"]
+        conv = next(n for n in graph["nodes"] if n["target"] == "torch.ops.aten.conv2d.default")
+        bias = next(i for i in conv["inputs"] if i["name"] == "bias")
+        source = bias["arg"]["as_tensor"]["name"]
+        count = graph["tensor_values"][source]["sizes"][0]["as_int"]
+        graph["nodes"].insert(0, {
+            "target": "torch.ops.aten._reshape_alias.default",
+            "inputs": [
+                {"name": "self", "arg": {"as_tensor": {"name": source}}, "kind": 1},
+                {"name": "size", "arg": {"as_ints": [count]}, "kind": 1},
+                {"name": "stride", "arg": {"as_ints": [4096]}, "kind": 1},
+            ],
+            "outputs": [{"as_tensor": {"name": "evil"}}],
+            "metadata": {},
+            "name": "evil",
+        })  # fmt: skip
+        graph["tensor_values"]["evil"] = {**graph["tensor_values"][source], "strides": [{"as_int": 4096}]}
+        bias["arg"] = {"as_tensor": {"name": "evil"}}
+
+    return edit_json(items, "models/model.json", inject)
+
+
 OPAQUE = hasattr(pt2_constants, "OPAQUE_OBJ_FILENAME_PREFIX")  # opaque objects: torch 2.13 and later
 ATTACKS = [
     Attack("sample-inputs-pickle", _sample_inputs, "needs io.open", "load"),
@@ -320,6 +349,7 @@ ATTACKS = [
     Attack("placeholder-name", _placeholder_name, "is not a Python identifier", "load"),
     Attack("forward-arg-names", _forward_arg_names, "is not a Python identifier", "run"),
     Attack("parameter-name", _parameter_name, "is not a qualified name", "run"),
+    Attack("unchecked-view", _unchecked_view, "without a bounds check", "memory"),
 ]
 
 
@@ -391,6 +421,9 @@ def test_control_torch_itself_runs_the_crafted_archive(honest, tmp_path, monkeyp
     creates the marker. So the refusal above is what protects, not a broken file."""
     if attack.name == "opaque-constant" and not OPAQUE:
         pytest.skip("torch < 2.13 loads no opaque objects: nothing of this archive runs")
+    if attack.control == "memory":
+        _control_reads_outside(honest, attack, tmp_path)
+        return
     monkeypatch.syspath_prepend(str(tmp_path))
     path, marker = craft(honest, attack, tmp_path)
     try:
@@ -402,6 +435,18 @@ def test_control_torch_itself_runs_the_crafted_archive(honest, tmp_path, monkeyp
     except Exception:
         pass  # most crafted archives fail after the payload ran
     assert marker.exists()
+
+
+def _control_reads_outside(honest: Path, attack: Attack, work: Path) -> None:
+    """torch loads the archive and its module runs to the end (or dies of the read): no check of
+    torch's stops it. In a child process, since the read may crash it."""
+    path, _ = craft(honest, attack, work)
+    code = (
+        "import sys, torch; p = torch.export.load(sys.argv[1]); a, k = p.example_inputs; "
+        "p.module()(*a, **k); print('ran')"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode < 0 or (done.returncode == 0 and "ran" in done.stdout), done.stderr[-2000:]
 
 
 def test_payload_creates_its_marker_when_unpickled_plainly(tmp_path):

@@ -63,6 +63,19 @@ GUARD_KEY = re.compile(r"[A-Za-z0-9_]*")
 # Namespaces whose operators read tensors from outside the program (debug content stores).
 DENIED_NAMESPACES = frozenset({"debugprims"})
 FILE_ARGUMENT = re.compile(r"file|path")
+# Operators that build a tensor over existing memory from given sizes and strides without checking
+# that it stays inside the storage (as_strided checks; these do not, torch 2.9-2.14): a crafted
+# graph would read or write memory outside a weight.
+UNCHECKED_VIEWS = frozenset(
+    {
+        "_reshape_alias",
+        "_reshape_alias_copy",
+        "set",
+        "set_",
+        "_nested_view_from_buffer",
+        "_nested_view_from_buffer_copy",
+    }
+)
 # One part of a qualified name (layer1.0.conv1.weight; a ModuleDict key may hold a hyphen).
 QUALIFIED_PART = re.compile(r"[\w-]+")
 
@@ -210,6 +223,8 @@ def operator_problem(target: Any) -> str | None:
         namespace = target.namespace
         if namespace in DENIED_NAMESPACES:
             return f"operator {target} reads data from outside the program"
+        if target._schema.name.partition("::")[2] in UNCHECKED_VIEWS:
+            return f"operator {target} makes a view from given strides without a bounds check"
         for argument in target._schema.arguments:
             if FILE_ARGUMENT.search(argument.name) and "str" in str(argument.type):
                 return f"operator {target} opens files ({argument.name})"
