@@ -341,7 +341,8 @@ def check_program_json(document: Any, where: str) -> None:
         if isinstance(value.get("target"), str) and "inputs" in value:
             check_target_name(value["target"])
         for key, item in value.items():
-            if key in VALUE_NAME_KEYS and isinstance(item, str):
+            if key in VALUE_NAME_KEYS and isinstance(item, str) and "arg" not in value:
+                # (an argument entry's name is only looked up in the operator's schema)
                 check_value_name(item, f"{where}: value name")
             elif key in QUALIFIED_NAME_KEYS and isinstance(item, str):
                 check_qualified_name(item, f"{where}: {key.replace('_', ' ')}")

@@ -10,6 +10,7 @@ import torch
 from torch import fx, nn
 from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
 
+from ..errors import InputError
 from ..ir import Graph
 from .fx_convert import FxConverter
 from .fx_runner import FxRunner
@@ -20,18 +21,49 @@ def export_module(module: nn.Module, example_inputs: Sequence[Any]) -> torch.exp
     return torch.export.export(module.eval(), tuple(example_inputs), strict=False)
 
 
+def _user_inputs(program: torch.export.ExportedProgram) -> list[fx.Node]:
+    users = set(program.graph_signature.user_inputs)
+    return [node for node in program.graph.nodes if node.op == "placeholder" and node.name in users]
+
+
+def _check_saved_inputs(program: torch.export.ExportedProgram, args: Sequence[torch.Tensor]) -> None:
+    """The archive's sample inputs must be what the program was traced with (count, dtype, static
+    sizes): the runs would otherwise measure another input than the bounds were computed for."""
+    placeholders = _user_inputs(program)
+    if len(args) != len(placeholders):
+        raise InputError(
+            f"the archive's sample inputs are {len(args)} tensors for a program of {len(placeholders)} inputs: "
+            "the archive is corrupt or was edited"
+        )
+    for node, arg in zip(placeholders, args):
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            continue
+        recorded = ["?" if not isinstance(d, int) else d for d in value.shape]
+        if (
+            arg.dtype != value.dtype
+            or arg.dim() != value.dim()
+            or any(d != "?" and d != n for d, n in zip(recorded, arg.shape))
+        ):
+            raise InputError(
+                f"the archive's sample input {node.name} is {tuple(arg.shape)} {str(arg.dtype).replace('torch.', '')}, "
+                f"the program was traced with {tuple(recorded)} {str(value.dtype).replace('torch.', '')}: "
+                "the archive is corrupt or was edited"
+            )
+
+
 def example_inputs_of(program: torch.export.ExportedProgram, seed: int = 0) -> tuple[Any, ...] | None:
-    """Inputs for verification: the saved example inputs, else random ones of the traced shapes."""
+    """Inputs for verification: the saved example inputs (checked against the traced inputs), else
+    random ones of the traced shapes."""
     saved = getattr(program, "example_inputs", None)
     if saved is not None:
         args, kwargs = saved
         if not kwargs and all(torch.is_tensor(a) for a in args):
+            _check_saved_inputs(program, args)
             return tuple(args)
     generator = torch.Generator().manual_seed(seed)
     inputs = []
-    for node in program.graph.nodes:
-        if node.op != "placeholder" or node.name not in program.graph_signature.user_inputs:
-            continue
+    for node in _user_inputs(program):
         value = node.meta.get("val")
         if not isinstance(value, torch.Tensor):
             return None
