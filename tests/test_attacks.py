@@ -771,3 +771,41 @@ def test_a_keyword_argument_key_written_into_code_is_refused(tmp_path):
     with contextlib.suppress(Exception):  # the generated forward's first line runs it
         program.module().forward(*args, kwargs["scale"])
     assert marker.exists(), "control: without the scan, torch runs the key"
+
+
+def _deeply_nested(items: Items, _: Path) -> Items:
+    """A JSON array nested 100 000 deep: json.loads gives up with a RecursionError."""
+
+    def nest(document):
+        document["graph_module"]["graph"]["nodes"][0]["metadata"]["stack_trace"] = "x"
+
+    items = edit_json(items, "models/model.json", nest)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    return [(n, d.replace(b'"stack_trace": "x"', b'"stack_trace": ' + deep) if n.endswith("model.json") else d)
+            for n, d in items]  # fmt: skip
+
+
+def _sample_inputs_not_a_pair(items: Items, _: Path) -> Items:
+    return replace(items, "data/sample_inputs/model.pt", torch_pickle({"a": 1}))
+
+
+def _stride_zero(items: Items, _: Path) -> Items:
+    def zero(document):
+        conv = next(n for n in document["graph_module"]["graph"]["nodes"] if "conv2d" in n["target"])
+        stride = next(i for i in conv["inputs"] if i["name"] == "stride")
+        stride["arg"] = {"as_ints": [0, 0]}
+
+    return edit_json(items, "models/model.json", zero)
+
+
+@pytest.mark.parametrize("command", ["audit", "check"])
+@pytest.mark.parametrize(
+    "build, message",
+    [(_deeply_nested, "not valid JSON"), (_sample_inputs_not_a_pair, "not an (args, kwargs) pair"),
+     (_stride_zero, "stride [0, 0]")],
+    ids=["deeply-nested-json", "sample-inputs-not-a-pair", "conv-stride-zero"],
+)  # fmt: skip
+def test_malformed_archive_is_one_line_not_an_internal_error(honest, tmp_path, build, message, command):
+    """Found by a hostile-input sweep: each of these was exit 4 (an internal error)."""
+    path = write_members(tmp_path / "malformed.pt2", build(read_members(honest), tmp_path))
+    assert_refused(runner.invoke(app, commands(path, tmp_path)[command]), message, command)

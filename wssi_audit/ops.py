@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from .errors import InputError
+
 
 class Role(str, Enum):
     """How an op takes part in positive homogeneity."""
@@ -60,6 +62,8 @@ def overlap_factor(kernel: Any, stride: Any = None, dilation: Any = 1) -> float:
     stride = [int(s) for s in _as_list(stride)] if stride else kernel
     if len(stride) == 1 and len(kernel) > 1:
         stride = stride * len(kernel)
+    if any(s < 1 for s in stride):
+        raise InputError(f"a sliding window with stride {stride}: not a layer torch can run")
     if any(int(d) != 1 for d in _as_list(1 if dilation is None else dilation)):
         return math.sqrt(math.prod(kernel))
     return math.sqrt(math.prod(math.ceil(k / s) for k, s in zip(kernel, stride)))

@@ -247,8 +247,9 @@ def scan_pt2(path: Path, trust: bool = False) -> tuple[VerifiedZip, Pt2Scan]:
     for model in sorted(models):
         scan.models += 1
         member = layout["models"].format(model)
+        document = _read_json(archive, member)
         try:
-            check_program_json(_read_json(archive, member), member)
+            check_program_json(document, member)
         except InputError as error:  # UnsafeContent too: the same class, with the file named
             raise type(error)(shorten(f"{path.name}: {error}")) from None
         accounted.add(member)
@@ -281,7 +282,7 @@ def scan_pt2(path: Path, trust: bool = False) -> tuple[VerifiedZip, Pt2Scan]:
 def _read_json(archive: VerifiedZip, member: str) -> Any:
     try:
         return json.loads(archive.read(member))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # nested too deep: RecursionError
         raise InputError(
             shorten(f"{archive.path.name}: member {member} is not valid JSON ({describe(error)})")
         ) from None
@@ -375,7 +376,7 @@ def _check_treespec(text: str, where: str) -> None:
     of the forward's keyword arguments, which torch writes into code it runs."""
     try:
         spec = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise InputError(f"{where}: an input or output specification is not valid JSON") from None
     stack: list[Any] = [spec]
     while stack:

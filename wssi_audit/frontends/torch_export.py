@@ -57,6 +57,8 @@ def example_inputs_of(program: torch.export.ExportedProgram, seed: int = 0) -> t
     random ones of the traced shapes."""
     saved = getattr(program, "example_inputs", None)
     if saved is not None:
+        if not (isinstance(saved, tuple) and len(saved) == 2 and isinstance(saved[0], (tuple, list))):
+            raise InputError("the archive's sample inputs are not an (args, kwargs) pair: the archive is corrupt")
         args, kwargs = saved
         if not kwargs and all(torch.is_tensor(a) for a in args):
             _check_saved_inputs(program, args)
