@@ -226,8 +226,9 @@ def _python_callable_target(items, marker, _):
     return edit_json(items, "models/model.json", inject)
 
 
-def _enum_import(items, marker, work):
-    """An enum key in the input spec makes torch import a module: here one beside the model."""
+def _enum_import(items, marker, work, blank=""):
+    """An enum key in the input spec makes torch import a module: here one beside the model.
+    `blank`: written before the context string (json.loads skips it)."""
     module = f"evil_{uuid.uuid4().hex[:8]}"
     (work / f"{module}.py").write_text(f"open({str(marker)!r}, 'w')\nimport enum\nclass E(enum.Enum):\n    A = 1\n")
 
@@ -235,7 +236,7 @@ def _enum_import(items, marker, work):
         signature = document["graph_module"]["module_call_graph"][0]["signature"]
         spec = json.loads(signature["in_spec"])
         kwargs = spec[1]["children_spec"][1]
-        kwargs["context"] = json.dumps([{"__enum__": True, "fqn": f"{module}:E", "name": "A"}])
+        kwargs["context"] = blank + json.dumps([{"__enum__": True, "fqn": f"{module}:E", "name": "A"}])
         kwargs["children_spec"] = [{"type": None, "context": None, "children_spec": []}]
         signature["in_spec"] = json.dumps(spec)
 
@@ -290,19 +291,8 @@ def _parameter_name(items, marker, _):
 
 
 def _enum_behind_blank(items, marker, work):
-    """The enum of `_enum_import`, its context string starting with a blank (json.loads skips it)."""
-    module = f"evil_{uuid.uuid4().hex[:8]}"
-    (work / f"{module}.py").write_text(f"open({str(marker)!r}, 'w')\nimport enum\nclass E(enum.Enum):\n    A = 1\n")
-
-    def inject(document):
-        signature = document["graph_module"]["module_call_graph"][0]["signature"]
-        spec = json.loads(signature["in_spec"])
-        kwargs = spec[1]["children_spec"][1]
-        kwargs["context"] = " " + json.dumps([{"__enum__": True, "fqn": f"{module}:E", "name": "A"}])
-        kwargs["children_spec"] = [{"type": None, "context": None, "children_spec": []}]
-        signature["in_spec"] = json.dumps(spec)
-
-    return edit_json(items, "models/model.json", inject)
+    """The enum of `_enum_import`, its context string starting with a blank."""
+    return _enum_import(items, marker, work, blank=" ")
 
 
 def _unchecked_view(items, marker, _):
