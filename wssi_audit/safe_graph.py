@@ -146,7 +146,8 @@ GUARD_BUILTINS = ("max", "min", "abs")
 
 
 def _written_into_code(what: str, name: Any, kind: str) -> UnsafeContent:
-    shown = repr(name) if len(repr(name)) <= 48 else repr(name)[:45] + "..."
+    # the name is cut short, not the message: the reason and the hint stay whole
+    shown = shorten(repr(name), 48)
     return UnsafeContent(f"{what} {shown} is not {kind}; torch writes it into code it runs. {TRUST_HINT}")
 
 
