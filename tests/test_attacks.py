@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import struct
 import subprocess
@@ -792,10 +793,92 @@ def _stride_zero(items: Items, _: Path) -> Items:
 @pytest.mark.parametrize(
     "build, message",
     [(_deeply_nested, "not valid JSON"), (_sample_inputs_not_a_pair, "not an (args, kwargs) pair"),
-     (_stride_zero, "stride [0, 0]")],
+     (_stride_zero, "tensor<16>, [0, 0], [1, 1]) fails")],
     ids=["deeply-nested-json", "sample-inputs-not-a-pair", "conv-stride-zero"],
 )  # fmt: skip
 def test_malformed_archive_is_one_line_not_an_internal_error(honest, tmp_path, build, message, command):
     """Found by a hostile-input sweep: each of these was exit 4 (an internal error)."""
     path = write_members(tmp_path / "malformed.pt2", build(read_members(honest), tmp_path))
     assert_refused(runner.invoke(app, commands(path, tmp_path)[command]), message, command)
+
+
+# --- archives that disagree with themselves or ask for more memory than there is ------------------
+# None of these runs code; each would give wrong numbers or exhaust the machine. Controls: torch's
+# own loader accepts each file without a word.
+
+
+def _huge_padding(_: Path, work: Path) -> Path:
+    """An honest export of a conv padded by 20 000: a 1x1x8x8 input makes 8 x 40006^2 outputs
+    (95 GiB in float64), from a file of a few kilobytes. Exporting allocates nothing."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=20_000), torch.nn.ReLU())
+    path = work / "padded.pt2"
+    torch.export.save(torch.export.export(model.eval(), (torch.randn(1, 1, 8, 8),)), str(path))
+    return path
+
+
+def _edit_weight_meta(key: str, value) -> Callable[[Path, Path], Path]:
+    def build(honest: Path, work: Path) -> Path:
+        def edit(document):
+            document["config"]["0.weight"]["tensor_meta"][key] = value
+
+        items = edit_json(read_members(honest), "model_weights_config.json", edit)
+        return write_members(work / f"weight-{key}.pt2", items)
+
+    return build
+
+
+def _emptied_payload(honest: Path, work: Path) -> Path:
+    return write_members(work / "emptied.pt2", replace(read_members(honest), "data/weights/weight_0", b""))
+
+
+def _recorded_size(honest: Path, work: Path) -> Path:
+    def shrink(document):
+        document["graph_module"]["graph"]["tensor_values"]["conv2d"]["sizes"][-1] = {"as_int": 3}
+
+    return write_members(work / "recorded.pt2", edit_json(read_members(honest), "models/model.json", shrink))
+
+
+def _control_padding(program) -> None:
+    conv = next(n for n in program.graph.nodes if n.op == "call_function" and "conv" in str(n.target))
+    assert math.prod(conv.meta["val"].shape) == 8 * 40_006**2
+
+
+def _control_zero_stride(program) -> None:
+    weight = program.state_dict["0.weight"]
+    assert weight.stride() == (0, 0, 0, 0) and bool((weight == weight.flatten()[0]).all())
+
+
+def _control_meta(program) -> None:
+    assert program.state_dict["0.weight"].device.type == "meta"
+
+
+def _control_emptied(program) -> None:
+    assert not program.state_dict["0.weight"].any()  # read as zeros
+
+
+def _control_recorded(program) -> None:
+    assert next(n for n in program.graph.nodes if n.name == "conv2d").meta["val"].shape[-1] == 3
+
+
+SELF_CONTRADICTIONS = [
+    ("huge-padding", _huge_padding, "GiB of float64 values", _control_padding),
+    ("weight-zero-stride", _edit_weight_meta("strides", [{"as_int": 0}] * 4), "is stored as", _control_zero_stride),
+    ("weight-on-meta", _edit_weight_meta("device", {"type": "meta", "index": None}), "meta device", _control_meta),
+    ("emptied-payload", _emptied_payload, "torch would read zeros", _control_emptied),
+    ("recorded-size", _recorded_size, "is recorded as", _control_recorded),
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("name, build, message, _", SELF_CONTRADICTIONS, ids=[c[0] for c in SELF_CONTRADICTIONS])
+def test_an_archive_that_contradicts_itself_is_refused(honest, tmp_path, name, build, message, _, command):
+    """Found by the hostile-input sweep: each was a normal-looking report, an internal error, or a
+    run that allocated until the process was killed."""
+    path = build(honest, tmp_path)
+    assert_refused(runner.invoke(app, commands(path, tmp_path)[command]), message, command)
+
+
+@pytest.mark.parametrize("name, build, _, control", SELF_CONTRADICTIONS, ids=[c[0] for c in SELF_CONTRADICTIONS])
+def test_control_torch_loads_the_contradicting_archive(honest, tmp_path, name, build, _, control):
+    control(torch.export.load(str(build(honest, tmp_path))))

@@ -244,9 +244,10 @@ def _load_torchscript(archive: VerifiedZip, example_inputs: tuple[Any, ...] | No
 
 
 def _load_pt2(path: Path, trust_pickle: bool, for_analysis: bool = False) -> torch.export.ExportedProgram:
-    """Scan first (safe_archive), then read the scanned bytes, then check the graph. For an
-    analysis, pt2_reader builds the program when it can (a second faster: no torch._dynamo); its
-    node values are meta tensors, so a program to save or re-export comes from torch.export.load."""
+    """Scan first (safe_archive), then read the scanned bytes, then check the graph and its recorded
+    sizes (recorded_sizes). For an analysis, pt2_reader builds the program when it can (a second
+    faster: no torch._dynamo); its node values are meta tensors, so a program to save or re-export
+    comes from torch.export.load."""
     if not zipfile.is_zipfile(path):
         raise InputError(f"cannot read torch.export archive {path.name}: not a zip archive (truncated or not .pt2)")
     archive, _ = scan_pt2(path, trust=trust_pickle)
@@ -263,6 +264,13 @@ def _load_pt2(path: Path, trust_pickle: bool, for_analysis: bool = False) -> tor
             check_program(program)
         except UnsafeContent as error:
             raise UnsafeContent(shorten(f"{path.name}: {error}")) from None
+    from .frontends.recorded_sizes import check_recorded_sizes
+    from .frontends.torch_export import example_inputs_of
+
+    try:  # before anything runs it: a corrupt size or a run larger than memory is the file's fault
+        check_recorded_sizes(program, example_inputs_of(program))
+    except InputError as error:
+        raise InputError(shorten(f"{path.name}: {error}")) from None
     return program
 
 

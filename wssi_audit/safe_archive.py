@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -314,11 +315,28 @@ def _scan_payloads(
         referenced.add(member)
         if entry.get("use_pickle") is not False:
             pickled.add(member)
+        elif not archive.read(member) and _element_count(entry.get("tensor_meta")):
+            raise InputError(
+                shorten(
+                    f"{archive.path.name}: {config} entry {fqn} has no bytes in {member} (torch would read zeros): "
+                    "the program was saved with fake weights, or the archive is corrupt"
+                )
+            )
     for member in sorted(pickled):
         scan_pickle(archive, member)
         scan.pickles += 1
     scan.raw_payloads += len(referenced - pickled)
     return referenced
+
+
+def _element_count(tensor_meta: Any) -> int:
+    """Elements of a payload's tensor by its recorded sizes (1 where they cannot be read: then an
+    empty payload is refused too, and torch.export.load says what else is wrong)."""
+    sizes = tensor_meta.get("sizes") if isinstance(tensor_meta, dict) else None
+    if not isinstance(sizes, list):
+        return 1
+    counts = [size.get("as_int") if isinstance(size, dict) else None for size in sizes]
+    return math.prod(n if type(n) is int else 1 for n in counts)
 
 
 # Keys of models/<name>.json whose strings torch writes into generated code (safe_graph): value

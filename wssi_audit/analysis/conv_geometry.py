@@ -22,6 +22,9 @@ import torch
 from ..errors import InputError
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+# Reads (outputs x taps) one axis may have: its tables are built in Python, and a crafted padding
+# of 2^31 would loop for hours. Real layers stay far below (ResNet's first conv: 112 x 7).
+MAX_AXIS_READS = 2**24
 
 
 def _reflect(i: int, n: int) -> int:
@@ -180,6 +183,8 @@ def conv_axes(
     for n, k, s, d, (before, after), o in zip(input_size, kernel_size, strides, dilations, pads, extra):
         if n < 1 or k < 1 or s < 1 or d < 1:
             raise InputError(f"sizes, kernel, stride and dilation must be positive (size {n}, kernel {k})")
+        if max(n, (n + before + after) // s) * k > MAX_AXIS_READS:
+            raise InputError(f"an axis of {n} positions (padding {before}, {after}, kernel {k}) is too long to bound")
         if transposed:
             full = (n - 1) * s - before - after + d * (k - 1) + o + 1
             if full < 1:

@@ -26,6 +26,8 @@ from .conv_geometry import per_axis
 from .operator_norms import NormBound, linear_operator_norm
 
 POOL_KINDS = ("max", "avg", "adaptive_max", "adaptive_avg")
+# Entries of one axis's dense averaging matrix (float64: 512 MiB); a longer axis gets no exact constant.
+MAX_MATRIX_ENTRIES = 2**26
 
 
 def _per_axis(value: Any, dims: int) -> list[int]:
@@ -112,6 +114,8 @@ def pool_lipschitz(
         return NormBound(value, value, "max-pool coverage")
     if divisor_override:
         divisors = [[1.0] * len(axis) for axis in windows]
+    if any(len(axis) * n > MAX_MATRIX_ENTRIES for n, axis in zip(sizes, windows)):
+        raise InputError(f"an average pool over sizes {sizes} is too long for its dense per-axis matrices")
     upper, lower = 1.0, 1.0
     for n, axis, divisor in zip(sizes, windows, divisors):
         bound = linear_operator_norm(_average_matrix(n, axis, divisor))
