@@ -402,3 +402,15 @@ def test_the_frequency_count_is_the_number_of_frequencies_listed(periods):
     kept = set(listed)
     assert kept | {negative(r) for r in listed} == set(itertools.product(*(range(p) for p in periods)))
     assert len(kept) == len(listed) and all(negative(r) == r or negative(r) not in kept for r in listed)
+
+
+def test_an_axis_too_long_to_bound_is_an_input_error_at_once():
+    """A crafted padding of 2^31 once looped for hours building the axis tables; the real axes
+    just below the limit still get theirs."""
+    with pytest.raises(InputError, match="too long to bound"):
+        conv_axes((3, 3), (8, 8), padding=2**31)
+    (axis, _) = conv_axes((3, 3), (8, 8), padding=1000)  # 2006 outputs x 3 taps: fine
+    assert axis.outputs == 8 + 2  # outputs reading only padding are dropped
+    with pytest.raises(InputError, match="too long"):
+        pool_lipschitz("avg", (2**14,), kernel_size=2, stride=1, padding=1)
+    assert pool_lipschitz("avg", (2**10,), kernel_size=2, stride=1, padding=1).upper > 0
