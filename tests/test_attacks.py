@@ -654,6 +654,34 @@ def test_torchscript_setstate_is_refused_and_torch_would_run_it(tmp_path):
     assert marker.exists()
 
 
+class SumsWeight(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(64))
+
+    def forward(self, x):
+        return x.flatten(1) * torch.sum(torch.detach(self.w))
+
+
+@pytest.mark.parametrize(
+    "view", ["ops.aten._reshape_alias(w, [64], [4096])", "torch._reshape_alias_copy(w, [64], [4096])"]
+)
+def test_torchscript_reading_outside_a_weight_is_refused_and_torch_would_run_it(tmp_path, view):
+    """TorchScript code may call any operator by name, also the views that take sizes and strides
+    without a bounds check: this one sums 64 floats 16 KiB apart, from a 256-byte weight."""
+    honest = tmp_path / "honest.pt"
+    torch.jit.script(SumsWeight()).save(str(honest))
+    items = [(n, d) for n, d in read_members(honest) if not n.endswith(".debug_pkl")]  # source ranges
+    assert any(b"torch.detach(w)" in d for n, d in items if "/code/" in n and n.endswith(".py"))
+    path = write_members(tmp_path / "reads.pt", [(n, d.replace(b"torch.detach(w)", view.encode())) for n, d in items])
+    for command in COMMANDS[:4]:
+        args = [*CHECKPOINT_COMMANDS[command](path, tmp_path), "--input-shape", SHAPE]
+        assert_refused(runner.invoke(app, args), "without a bounds check", command)
+    code = "import sys, torch; torch.jit.load(sys.argv[1])(torch.zeros(1, 64)); print('ran')"  # control
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode < 0 or (done.returncode == 0 and "ran" in done.stdout), done.stderr[-2000:]
+
+
 def _onnx_with_external_weight(folder: Path, location: str) -> Path:
     from onnx import TensorProto, helper, numpy_helper, save
     from onnx.external_data_helper import set_external_data

@@ -42,6 +42,7 @@ import torch
 from .errors import InputError, describe, shorten
 from .safe_graph import (
     TRUST_HINT,
+    UNCHECKED_VIEWS,
     UnsafeContent,
     check_guard,
     check_qualified_name,
@@ -443,16 +444,19 @@ def _keyword_argument_keys(spec: Any) -> list[Any]:
 def scan_torchscript(archive: VerifiedZip) -> None:
     """TorchScript code runs when torch.jit.load restores objects (their __setstate__) and when the
     module runs; its pickles are read by TorchScript's own unpickler, which imports no Python. So the
-    code may define no __setstate__ and call no operator that opens files."""
-    calls = "|".join(sorted(file_operator_names()))
-    pattern = re.compile(rf"\bdef\s+__setstate__\b|\b(?:torch|ops\.\w+)\.(?:{calls})\b")
+    code may define no __setstate__, call no operator that opens files, and call none of the views
+    that take sizes and strides without a bounds check (as a function or as a tensor's method)."""
+    calls = "|".join(sorted(file_operator_names() | UNCHECKED_VIEWS))
+    views = "|".join(sorted(UNCHECKED_VIEWS))
+    pattern = re.compile(rf"\bdef\s+__setstate__\b|\b(?:torch|ops\.\w+)\.(?:{calls})\b|\.(?:{views})\s*\(")
     for name in archive.names:
         if name.startswith("code/") and name.endswith(".py"):
             match = pattern.search(archive.read(name).decode("utf-8", errors="replace"))
             if match:
-                raise UnsafeContent(
-                    shorten(f"{archive.path.name}: {name} runs '{match.group(0)}' when loaded or run. {TRUST_HINT}")
-                )
+                found = match.group(0).rstrip("( ")
+                view = found.rsplit(".", 1)[-1] in UNCHECKED_VIEWS
+                what = ", a view without a bounds check" if view else " when loaded or run"
+                raise UnsafeContent(shorten(f"{archive.path.name}: {name} runs '{found}'{what}. {TRUST_HINT}"))
 
 
 @contextlib.contextmanager
