@@ -192,3 +192,12 @@ def test_the_recorded_values_of_an_honest_program_are_unchanged(tmp_path):
     check_recorded_sizes(program, example_inputs_of(program))
     assert json.dumps([str(n.meta.get("val")) for n in program.graph.nodes]) == before
     assert all(torch.equal(weights[k], v) for k, v in program.state_dict.items())
+
+
+def test_a_value_that_could_not_be_computed_is_not_compared():
+    """An operator without a meta kernel on a symbolic size keeps its record: None, not a mismatch."""
+    from wssi_audit.frontends.recorded_sizes import _same_sizes
+
+    a, b = meta(2, 3), meta(4)
+    assert _same_sizes(None, a) and _same_sizes((a, None), (a, b)) and _same_sizes((a, b), (a, b))
+    assert not _same_sizes((a, meta(5)), (a, b)) and not _same_sizes(meta(3, 2), a) and not _same_sizes((a,), (a, b))

@@ -78,13 +78,14 @@ def _check_weight(name: str, tensor: torch.Tensor, node: fx.Node) -> None:
 
 
 def _same_sizes(computed: Any, recorded: Any) -> bool:
-    """Every size the record states (symbolic ones are free) equals the computed one."""
-    ours, _ = tree_flatten(computed)
-    theirs, _ = tree_flatten(recorded)
+    """Every size the record states (symbolic ones are free) equals the computed one; a value that
+    could not be computed (None: a recorded symbolic size) is not compared."""
+    ours, _ = tree_flatten(computed, is_leaf=lambda x: x is None)
+    theirs, _ = tree_flatten(recorded, is_leaf=lambda x: x is None)
     if len(ours) != len(theirs):
-        return False
+        return computed is None
     for mine, their in zip(ours, theirs):
-        if isinstance(their, torch.Tensor):
+        if isinstance(their, torch.Tensor) and mine is not None:
             if not isinstance(mine, torch.Tensor) or mine.dim() != their.dim():
                 return False
             if any(type(r) is int and r != c for c, r in zip(mine.shape, their.shape)):
