@@ -174,3 +174,21 @@ def test_convolutions_pools_and_batchnorm_take_the_double_backward_path() -> Non
     image = products.push(direction)
     assert not products.forward_mode
     assert torch.allclose(image, torch.func.jvp(lambda v: model(v).reshape(-1), (x,), direction)[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("fill, note", [(math.nan, "input holds NaN or Inf"), (math.inf, "input holds NaN or Inf"),
+                                        (1e38, "outputs at the input are not finite")])  # fmt: skip
+def test_a_non_finite_point_is_not_measured(fill: float, note: str) -> None:
+    """At a NaN input ReLU's backward masks every unit off and autograd still returns numbers: a
+    'gradient' of no point of the model (the sweep saw -1.13 reported at a NaN sample input). An
+    input of 1e38 overflows float32 in the first layer. Control: the same network at a finite
+    input is measured."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(10.0)
+    x = torch.rand(1, 4)
+    value, _, _ = measured_log10_gradient(build_graph(model, (x,)).runner)
+    assert value is not None and math.isfinite(value)
+    value, found, _ = measured_log10_gradient(build_graph(model, (torch.full_like(x, fill),)).runner)
+    assert value is None and note in found

@@ -237,8 +237,12 @@ def _bidiagonalization(
     best = 0.0
     try:
         with torch.enable_grad():
+            if not all(bool(torch.isfinite(x).all()) for x in primal):
+                return None, "not measured: the input holds NaN or Inf", 0
             products = _Products(outputs_of, primal, linearize)
             output = products.output.detach()
+            if not bool(torch.isfinite(output).all()):  # J there is no Jacobian of the model: ReLU masks of NaN
+                return None, "not measured: the outputs at the input are not finite (NaN or Inf)", 0
             u = torch.randn(output.shape, generator=generator, dtype=output.dtype)
             for _ in range(max(steps, 1)):
                 u = u / u.norm().clamp_min(1e-30)
