@@ -4,6 +4,7 @@ sends the archive to torch.export.load; and an audit that never imports torch._d
 from __future__ import annotations
 
 import json
+import math
 import operator
 import subprocess
 import sys
@@ -80,6 +81,8 @@ def _same_value(a: object, b: object, names: dict[fx.Node, str]) -> bool:
         return len(a) == len(b) and all(_same_value(x, y, names) for x, y in zip(a, b))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same_value(a[k], b[k], names) for k in a)
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a):  # NaN: the same value, though not ==
+        return math.isnan(b)
     return type(a) is type(b) and a == b
 
 
@@ -142,6 +145,26 @@ def test_reader_builds_what_torch_export_load_builds(tmp_path, name):
             torch.utils._pytree.tree_leaves(theirs.module()(x)),
         ):
             assert torch.equal(got, want)
+
+
+class NonFiniteFloats(nn.Module):
+    """Float arguments torch writes as strings ("NaN", "Infinity", "-Infinity")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4, eps=math.nan)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x).clamp(min=-math.inf, max=math.inf)
+
+
+def test_reader_reads_non_finite_floats_as_torch_does(tmp_path):
+    """Found by a sweep: the reader passed "NaN" on as a string, and the self-check could not run."""
+    path = _save(NonFiniteFloats(), torch.randn(2, 4), tmp_path / "floats.pt2")
+    ours, theirs = _read(path), torch.export.load(str(path))
+    assert_same_program(ours, theirs)
+    floats = [a for n in ours.graph.nodes for a in n.args if isinstance(a, float)]
+    assert any(math.isnan(a) for a in floats) and math.inf in floats and -math.inf in floats
 
 
 def test_reader_on_a_real_torchvision_model(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,44 @@ def test_non_finite_tensors_are_findings_not_numbers(where: str, tmp_path: Path)
     assert "NaN or Inf" in table.output
     assert runner.invoke(app, ["check", str(path)]).exit_code == 1  # check fails by default
     assert runner.invoke(app, ["check", str(path), "--fail-on", "none"]).exit_code == 0
+
+
+def _batchnorm_net(eps: float) -> nn.Module:
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16, eps=eps), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.1, 0.9)  # var + eps < 0 for eps -1
+    return model
+
+
+def test_a_batchnorm_eps_that_folds_to_nan_is_non_finite(tmp_path: Path) -> None:
+    """Every tensor finite, but gamma / sqrt(var + eps) is not (found by a sweep of node arguments:
+    the layer was "ok" with its norms missing and no finding). Control: eps 1e-5 is ok. A NaN eps
+    also reaches the audit through a .pt2: torch writes it as the string "NaN", and the reader
+    reads it back as torch's loader does."""
+    reports = {}
+    for eps in (1e-5, math.nan):
+        path = _save(_batchnorm_net(eps), tmp_path / "eps.pt2")
+        result = runner.invoke(app, ["audit", str(path), "--format", "json"])
+        reports[eps] = (result.exit_code, json.loads(result.stdout))
+    code, honest = reports[1e-5]
+    assert code == 0 and honest["layers"][0]["status"] == "ok"
+    code, broken = reports[math.nan]
+    assert code == 1 and broken["layers"][0]["status"] == "non_finite"
+    assert broken["findings"][0]["code"] == "non_finite_weights" and broken["findings"][0]["severity"] == "error"
+    chain = broken["chains"][0]
+    assert chain["verification"] == "failed" and "fold of" in chain["verification_reason"]
+    # A negative eps: torch.export (and torch's kernel) refuse it, a crafted file need not.
+    path = _save(_batchnorm_net(1e-5), tmp_path / "negative.pt2")
+    with zipfile.ZipFile(path) as archive:
+        members = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members:
+            archive.writestr(name, data.replace(b'{"as_float": 1e-05}', b'{"as_float": -1.0}'))
+    with zipfile.ZipFile(path) as archive:
+        assert any(b'{"as_float": -1.0}' in archive.read(name) for name in archive.namelist())
+    report = audit(path)
+    assert report.layers[0].status == "non_finite" and report.findings[0].code == "non_finite_weights"
 
 
 def test_an_all_zero_layer_is_zero_not_non_finite(tmp_path: Path) -> None:

@@ -32,7 +32,8 @@ def non_finite_weights(report: Report) -> list[FindingRecord]:
         FindingRecord(
             "non_finite_weights",
             "error",
-            f"{len(broken)} layer(s) hold NaN or Inf weights or BatchNorm statistics: {_names(broken)}",
+            f"{len(broken)} layer(s) hold NaN or Inf weights or BatchNorm statistics, or fold to them "
+            f"(a BatchNorm eps that is NaN or leaves var + eps <= 0): {_names(broken)}",
             "the model is broken (training diverged or the file is damaged): restore an earlier checkpoint",
             broken,
         )

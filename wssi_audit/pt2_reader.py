@@ -152,6 +152,14 @@ def _tensor_meta(meta: Mapping[str, Any]) -> tuple[torch.dtype, list[int], list[
     return dtype, sizes, strides, offset
 
 
+def _float(value: Any) -> float:
+    """A float as torch's deserializer reads one: float(value) (strings included)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise Unsupported(f"a float argument {value!r}") from None
+
+
 def _int(value: Mapping[str, Any]) -> int:
     if set(value) != {"as_int"} or type(value["as_int"]) is not int:
         raise Unsupported(f"a symbolic size {value}")
@@ -358,9 +366,13 @@ class _GraphBuilder:
             return [self._value(v["name"]) for v in value]
         if kind == "as_optional_tensors":
             return [None if set(v) == {"as_none"} else self._value(v["as_tensor"]["name"]) for v in value]
-        if kind in ("as_int", "as_float", "as_bool", "as_string"):
+        if kind == "as_float":  # torch writes NaN and the infinities as "NaN", "Infinity", "-Infinity"
+            return _float(value)
+        if kind == "as_floats":
+            return [_float(v) for v in value]
+        if kind in ("as_int", "as_bool", "as_string"):
             return value
-        if kind in ("as_ints", "as_floats", "as_bools", "as_strings"):
+        if kind in ("as_ints", "as_bools", "as_strings"):
             return list(value)
         if kind == "as_scalar_type" and value in DTYPES:
             return DTYPES[value]

@@ -13,7 +13,7 @@ from ..ir import Graph, all_finite
 from ..ops import Role, overlap_factor, spec_of
 from .conv_geometry import axis_pads, per_axis
 from .structure import Chain, ResidualBlock, Structure, WeightLayer
-from .weights import EffectiveWeight, effective_weight, layer_tensor_keys
+from .weights import EffectiveWeight, bn_scale, effective_weight, layer_tensor_keys
 
 NEG_INF = float("-inf")
 
@@ -188,8 +188,11 @@ def padding_copies_factor(mode: str, pads: list[tuple[int, int]]) -> float:
 
 def layer_status(layer: WeightLayer, tensors: Mapping[str, torch.Tensor]) -> str:
     """non_finite when any tensor of the layer's effective map (BatchNorm statistics included) holds
-    NaN or Inf; zero for an all-zero weight; else ok."""
+    NaN or Inf, or the BatchNorm fold does (an eps that is NaN or leaves var + eps <= 0); zero for
+    an all-zero weight; else ok."""
     if not all(all_finite(tensors[key]) for key in layer_tensor_keys(layer)):
+        return NON_FINITE
+    if layer.bn is not None and not all_finite(bn_scale(layer, tensors)):
         return NON_FINITE
     return ZERO if not bool(tensors[layer.weight].any()) else OK
 

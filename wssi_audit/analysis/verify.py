@@ -33,7 +33,7 @@ import torch
 from ..errors import describe
 from ..ir import Graph, Runner, all_finite, leaves
 from .structure import Chain, WeightLayer
-from .weights import chain_tensor_keys, shift_layers
+from .weights import bn_scale, chain_tensor_keys, shift_layers
 
 LOCAL_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 MIN_POWER = {torch.float64: 1e-3, torch.float32: 1e-2}
@@ -169,6 +169,9 @@ class _ChainChecker:
         nonfinite = [key for key in chain_tensor_keys(chain.layers) if not _finite([tensors[key]])]
         if nonfinite:
             return ChainCheck(FAILED, reason=f"non-finite values in {nonfinite[0]}")
+        folds = [layer.bn for layer in chain.layers if layer.bn and not _finite([bn_scale(layer, tensors)])]
+        if folds:
+            return ChainCheck(FAILED, reason=f"non-finite values in the fold of {folds[0].name} (eps {folds[0].eps:g})")
         nodes, checked = self.segments[chain.id]
         reference = [leaves(self.base[name]) for name in checked]
         if not _finite(t for group in reference for t in group):

@@ -12,7 +12,8 @@ Tensors = Mapping[str, torch.Tensor]
 EffectiveWeight = tuple[torch.Tensor, torch.Tensor | None]
 
 
-def _bn_scale(layer: WeightLayer, tensors: Tensors) -> torch.Tensor:
+def bn_scale(layer: WeightLayer, tensors: Tensors) -> torch.Tensor:
+    """gamma / sqrt(var + eps): the folded BatchNorm's per-channel scale."""
     bn = layer.bn
     assert bn is not None
     gamma = tensors[bn.weight].double()
@@ -44,7 +45,7 @@ def effective_weight(layer: WeightLayer, tensors: Tensors) -> EffectiveWeight:
     if layer.bn is None:
         return weight, bias
     bn = layer.bn
-    scale = _bn_scale(layer, tensors)
+    scale = bn_scale(layer, tensors)
     mean = tensors[bn.running_mean].double()
     beta = tensors[bn.bias].double()
     conv_bias = bias if bias is not None else torch.zeros_like(mean)
@@ -88,7 +89,7 @@ def shift_layers(
                 overrides[layer.bias] = tensors[layer.bias].double() * c
             continue
         bn = layer.bn
-        scale = _bn_scale(layer, tensors)
+        scale = bn_scale(layer, tensors)
         mean = tensors[bn.running_mean].double()
         conv_bias = tensors[layer.bias].double() if layer.bias else torch.zeros_like(mean)
         beta = tensors[bn.bias].double()
