@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import fx
@@ -113,16 +113,79 @@ def _broadcast(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
     return list(torch.broadcast_shapes(*(operand.shape for operand in operands)))
 
 
-def _first(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
-    """A normalization or a roll: its input's sizes (statistics, where returned, as recorded)."""
-    return list(args[0].shape)
+def _refuse(message: str) -> NoReturn:
+    raise RuntimeError(message)
+
+
+def _channel_norm(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
+    """batch_norm and its kin (input, weight, bias, running_mean, running_var, ...): the input's
+    sizes; each per-channel tensor given holds one entry per channel (dimension 1)."""
+    x = args[0]
+    if x.dim() < 2:
+        _refuse(f"a normalization over channels of an input of {tuple(x.shape)}")
+    for t in args[1:5]:
+        if isinstance(t, torch.Tensor) and t.numel() != x.shape[1]:
+            _refuse(f"{t.numel()} per-channel values for {x.shape[1]} channels")
+    return list(x.shape)
+
+
+def _layer_norm(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
+    """(input, normalized_shape, weight, bias, ...): the input's sizes, which must end in
+    normalized_shape, as weight and bias must be."""
+    x, shape = args[0], list(args[1])
+    if not shape or list(x.shape[x.dim() - len(shape) :]) != shape or len(shape) > x.dim():
+        _refuse(f"normalized shape {shape} for an input of {tuple(x.shape)}")
+    for t in args[2:4]:
+        if isinstance(t, torch.Tensor) and list(t.shape) != shape:
+            _refuse(f"an affine tensor of {tuple(t.shape)} for normalized shape {shape}")
+    return list(x.shape)
+
+
+def _group_norm(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
+    """(input, num_groups, weight, bias, ...): the input's sizes; the groups divide the channels."""
+    x, groups = args[0], args[1]
+    if x.dim() < 2 or groups < 1 or x.shape[1] % groups:
+        _refuse(f"{groups} groups for an input of {tuple(x.shape)}")
+    for t in args[2:4]:
+        if isinstance(t, torch.Tensor) and t.numel() != x.shape[1]:
+            _refuse(f"{t.numel()} per-channel values for {x.shape[1]} channels")
+    return list(x.shape)
+
+
+def _native_group_norm(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
+    """(input, weight, bias, N, C, HxW, group, eps): the input's sizes, which N, C, HxW describe."""
+    x, n, c, hw, groups = args[0], *args[3:7]
+    if x.numel() != n * c * hw or (x.dim() > 1 and x.shape[1] != c) or groups < 1 or c % groups:
+        _refuse(f"N {n}, C {c}, HxW {hw}, {groups} groups for an input of {tuple(x.shape)}")
+    return list(x.shape)
+
+
+def _along_dim(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
+    """softmax and log_softmax (input, dim, ...): the input's sizes; dim names one of its axes
+    (torch's meta kernels let any dim pass, its kernels do not)."""
+    x, dim = args[0], kwargs.get("dim", args[1])
+    rank = max(x.dim(), 1)
+    if not -rank <= dim < rank:
+        _refuse(f"dim {dim} of an input of {tuple(x.shape)}")
+    return list(x.shape)
+
+
+def _roll(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
+    """(input, shifts, dims): the input's sizes; one shift per named dimension (or one, for none)."""
+    x = args[0]
+    shifts = list(args[1]) if isinstance(args[1], (list, tuple)) else [args[1]]
+    dims = list(args[2]) if len(args) > 2 and isinstance(args[2], (list, tuple)) else list(args[2:3])
+    rank = max(x.dim(), 1)
+    if (len(shifts) != len(dims) if dims else len(shifts) != 1) or any(not -rank <= d < rank for d in dims):
+        _refuse(f"shifts {shifts} along dims {dims} of an input of {tuple(x.shape)}")
+    return list(x.shape)
 
 
 def _attention(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
     """softmax(q k^T) v: the queries' sizes with the values' last one."""
     query, key, value = args[:3]
     if query.shape[-1] != key.shape[-1] or key.shape[-2] != value.shape[-2]:
-        raise RuntimeError(f"queries {tuple(query.shape)}, keys {tuple(key.shape)}, values {tuple(value.shape)}")
+        _refuse(f"queries {tuple(query.shape)}, keys {tuple(key.shape)}, values {tuple(value.shape)}")
     return [
         *torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]),
         query.shape[-2],
@@ -138,12 +201,12 @@ def _cat(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
     dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
     rank = operands[0].dim()
     if not -rank <= dim < rank or any(t.dim() != rank for t in operands):
-        raise RuntimeError(f"cannot concatenate sizes {[tuple(t.shape) for t in operands]} along dim {dim}")
+        _refuse(f"cannot concatenate sizes {[tuple(t.shape) for t in operands]} along dim {dim}")
     dim %= rank
     shape = list(operands[0].shape)
     for t in operands[1:]:
         if any(a != b for d, (a, b) in enumerate(zip(shape, t.shape)) if d != dim):
-            raise RuntimeError(f"cannot concatenate sizes {[tuple(t.shape) for t in operands]} along dim {dim}")
+            _refuse(f"cannot concatenate sizes {[tuple(t.shape) for t in operands]} along dim {dim}")
     shape[dim] = sum(t.shape[dim] for t in operands)
     return shape
 
@@ -152,16 +215,27 @@ def _linear(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
     """x A^T + b: the input's sizes with the last one replaced by the weight's rows."""
     x, weight = args[0], args[1]
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise RuntimeError(f"input {tuple(x.shape)} does not match a weight of {tuple(weight.shape)}")
-    return [*x.shape[:-1], weight.shape[0]]
+        _refuse(f"input {tuple(x.shape)} does not match a weight of {tuple(weight.shape)}")
+    shape = [*x.shape[:-1], weight.shape[0]]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    if isinstance(bias, torch.Tensor) and list(torch.broadcast_shapes(bias.shape, shape)) != shape:
+        _refuse(f"a bias of {tuple(bias.shape)} for outputs of {tuple(shape)}")
+    return shape
 
 
-def _adaptive_pool(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
-    """The input's leading sizes, then the requested output size."""
-    size = list(args[1])
-    if len(size) > args[0].dim() or any(n < 0 for n in size):
-        raise RuntimeError(f"output size {size} for an input of {tuple(args[0].shape)}")
-    return [*args[0].shape[: args[0].dim() - len(size)], *size]
+def _adaptive_pool(spatial: int) -> Any:
+    """Adaptive pooling over `spatial` axes of a batched or unbatched input: the input's leading
+    sizes, then the requested output size."""
+
+    def rule(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
+        x, size = args[0], list(args[1])
+        if len(size) != spatial or x.dim() not in (spatial + 1, spatial + 2) or any(n < 0 for n in size):
+            _refuse(f"output size {size} for an input of {tuple(x.shape)}")
+        if any(n == 0 for n in x.shape[-spatial:]):
+            _refuse(f"an empty spatial axis in an input of {tuple(x.shape)}")
+        return [*x.shape[: x.dim() - spatial], *size]
+
+    return rule
 
 
 def _reduce(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
@@ -172,8 +246,10 @@ def _reduce(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
     rank = max(x.dim(), 1)
     named = [dims] if isinstance(dims, int) else list(dims or range(rank))
     if any(not -rank <= d < rank for d in named):
-        raise RuntimeError(f"dims {dims} for an input of {tuple(x.shape)}")
+        _refuse(f"dims {dims} for an input of {tuple(x.shape)}")
     reduced = {d % rank for d in named}
+    if len(reduced) != len(named):
+        _refuse(f"a dimension named twice in {dims}")
     return [1 if d in reduced else n for d, n in enumerate(x.shape) if keep or d not in reduced]
 
 
@@ -181,15 +257,20 @@ def _reduce(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
 # on first use (a second; pt2_reader exists to avoid it). Elementwise operators go by their tag.
 SIZE_RULES: dict[str, Any] = {
     **dict.fromkeys(
-        ("batch_norm", "layer_norm", "group_norm", "instance_norm", "native_batch_norm", "native_layer_norm",
-         "native_group_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
-         "_native_batch_norm_legit_functional", "roll"),
-        _first,
+        ("batch_norm", "instance_norm", "native_batch_norm", "_native_batch_norm_legit",
+         "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional"),
+        _channel_norm,
     ),
+    "layer_norm": _layer_norm,
+    "native_layer_norm": _layer_norm,
+    "group_norm": _group_norm,
+    "native_group_norm": _native_group_norm,
+    "roll": _roll,
+    **dict.fromkeys(("softmax", "_softmax", "log_softmax", "_log_softmax"), _along_dim),
     "cat": _cat,
     "linear": _linear,
-    "adaptive_avg_pool2d": _adaptive_pool,
-    "adaptive_avg_pool3d": _adaptive_pool,
+    "adaptive_avg_pool2d": _adaptive_pool(2),
+    "adaptive_avg_pool3d": _adaptive_pool(3),
     "mean": _reduce,
     "sum": _reduce,
     "amax": _reduce,
