@@ -245,3 +245,26 @@ def test_the_runners_two_ways_of_swapping_tensors_agree(method: str) -> None:
         graph.runner._aliases = None  # type: ignore[attr-defined]
         again = _only(graph.runner.run({key: replacement})[graph.runner.OUTPUT])
         assert torch.allclose(again, swapped, atol=1e-12)
+
+
+def test_dropout_in_training_mode_is_a_random_barrier_not_an_analyzer_bug(tmp_path: Path) -> None:
+    """A program exported without model.eval() keeps aten.dropout(x, p, train=True): a new mask at
+    every run, so shifted runs differed and the audit blamed itself (exit 3, found by a sweep of
+    node arguments). Now the dropout splits the chain, both sides verify, and the global check
+    says why it is skipped. Control: the same model in eval mode is one chain."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    reports = {}
+    for mode in ("train", "eval"):
+        path = tmp_path / f"{mode}.pt2"
+        torch.export.save(torch.export.export(getattr(model, mode)(), (torch.randn(4, 8),)), str(path))
+        result = runner.invoke(app, ["audit", str(path), "--format", "json"])
+        reports[mode] = (result.exit_code, json.loads(result.stdout))
+    code, trained = reports["train"]
+    assert code == 0, trained["findings"]
+    assert [len(c["layers"]) for c in trained["chains"]] == [1, 2]
+    assert trained["chains"][1]["verification"] == "verified"
+    assert "draws random numbers" in trained["summary"]["verification_note"]
+    assert any("dropout in training mode" in b["reason"] for b in trained["barriers"])
+    code, evaluated = reports["eval"]
+    assert code == 0 and [len(c["layers"]) for c in evaluated["chains"]] == [3]

@@ -47,6 +47,8 @@ class OpSpec:
     reason: str = ""
     # Upper bound on the op's Lipschitz constant (l2 -> l2), from its attrs; None = unknown.
     lipschitz: Lipschitz = None
+    # Draws random numbers at every run (dropout in training mode): two runs of the graph differ.
+    random: bool = False
 
     def lipschitz_of(self, attrs: dict[str, Any]) -> float | None:
         if callable(self.lipschitz):
@@ -193,6 +195,12 @@ OP_TABLE: dict[str, OpSpec] = {
     "rms_norm": _barrier("normalization is degree 0 in its input scale (RMSNorm)"),
     "normalize": _barrier("normalization is degree 0 in its input scale (F.normalize)"),
     "batch_norm_train": _barrier("BatchNorm in training mode is degree 0 in its input scale"),
+    "dropout_train": OpSpec(
+        Role.BARRIER,
+        "dropout in training mode draws a new random mask at every run (export the model in eval mode)",
+        lambda attrs: 1.0 / (1.0 - float(attrs.get("p", 0.5))) if float(attrs.get("p", 0.5)) < 1 else None,
+        random=True,
+    ),
     "batch_norm_unfoldable": _barrier("BatchNorm without a weight layer before it is an affine offset"),
     "mul": _barrier("product of two activations (gating or attention)"),
     "addcmul": _barrier("elementwise scale by a tensor plus an offset (addcmul)"),

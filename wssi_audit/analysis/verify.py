@@ -32,6 +32,7 @@ import torch
 
 from ..errors import describe
 from ..ir import Graph, Runner, all_finite, leaves
+from ..ops import spec_of
 from .structure import Chain, WeightLayer
 from .weights import bn_scale, chain_tensor_keys, shift_layers
 
@@ -251,6 +252,9 @@ def _global_check(
         return None, ""
     if not all(_finite([t]) for t in graph.tensors.values() if t.is_floating_point()):
         return None, "global check skipped: the model has non-finite tensors"
+    drawing = [node for node in graph.nodes.values() if getattr(spec_of(node.op), "random", False)]
+    if drawing:  # two runs of the whole graph differ whatever the shift
+        return None, f"global check skipped: {drawing[0].op} '{drawing[0].label}' draws random numbers at every run"
     combined: dict[str, torch.Tensor] = {}
     for chain in chains:
         combined.update(shift_layers(chain.layers, random_log10_factors(len(chain.layers), rng), graph.tensors))

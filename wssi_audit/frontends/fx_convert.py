@@ -54,6 +54,8 @@ _ATTR_NAMES = (
     "negative_slope",
     "eps",
     "training",
+    "train",
+    "p",
     "alpha",
     "scale_factor",
     "mode",
@@ -354,6 +356,8 @@ class FxConverter:
             op, params, attrs = self._function_params_attrs(op, fx_node)
         if op == "batch_norm" and attrs.get("training"):
             op = "batch_norm_train"
+        if op == "dropout" and attrs.get("train") and float(attrs.get("p") or 0.0) > 0.0:
+            op = "dropout_train"
         if op == "pad" and (attrs.get("mode") or "constant") == "constant" and float(attrs.get("value") or 0.0) != 0.0:
             op = "add_const"  # padding with a non-zero constant adds an offset at the border
         inputs = [a for a in map(self._activation, fx_inputs) if a is not None]
