@@ -255,3 +255,21 @@ def test_rules_refuse_what_torchs_kernels_refuse(op, rule, build):
             SIZE_RULES[rule](build(meta), {})
         return
     assert SIZE_RULES[rule](build(meta), {}) == expected
+
+
+@pytest.mark.parametrize("name", ["stride", "padding", "dilation"])
+def test_a_convolution_argument_of_the_wrong_length_is_refused_as_torchs_kernel_refuses_it(name):
+    """torch's meta kernel lets stride [1, 1, 1] pass a 2-d convolution; its CPU kernel does not
+    (found by a sweep of node arguments: the run failed and every chain was 'not run')."""
+    from wssi_audit.frontends.recorded_sizes import _check_window_arguments
+
+    def call(t):
+        arguments = {"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1]} | {name: [1, 1, 1]}
+        return (t(1, 2, 5, 5), t(3, 2, 3, 3), None, arguments["stride"], arguments["padding"], arguments["dilation"], 1)
+
+    assert aten.conv2d.default(*call(meta)).dim() == 4  # meta: passes
+    with pytest.raises(RuntimeError):
+        aten.conv2d.default(*call(_cpu))
+    with pytest.raises(RuntimeError, match=name):
+        _check_window_arguments(aten.conv2d.default, call(meta), {})
+    _check_window_arguments(aten.conv2d.default, (meta(1, 2, 5, 5), meta(3, 2, 3, 3), None, [1], [0], [1], 1), {})

@@ -278,6 +278,25 @@ SIZE_RULES: dict[str, Any] = {
 }  # fmt: skip
 
 
+WINDOW_ARGUMENTS = frozenset({"stride", "padding", "dilation", "output_padding"})
+
+
+def _check_window_arguments(target: torch._ops.OpOverload, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+    """A convolution's stride, padding, dilation and output padding give one value, or one per
+    spatial axis: torch's kernels refuse other lengths, its meta kernels let them pass."""
+    if "conv" not in target._opname:
+        return
+    named = {a.name: v for a, v in zip(target._schema.arguments, args)} | kwargs
+    weight = named.get("weight")
+    if not isinstance(weight, torch.Tensor):
+        return
+    axes = weight.dim() - 2
+    for name in WINDOW_ARGUMENTS & named.keys():
+        value = named[name]
+        if isinstance(value, (list, tuple)) and len(value) not in (1, axes):
+            _refuse(f"{name} {list(value)} for a convolution over {axes} axes")
+
+
 def _writes_first_argument(target: torch._ops.OpOverload) -> bool:
     schema = target._schema
     if len(schema.returns) != 1 or not schema.arguments:
@@ -320,6 +339,7 @@ def _run_on_meta(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
     try:
         if torch.Tag.pointwise in node.target.tags or node.target._opname in SIZE_RULES:
             return _size_rule(node, args, kwargs)
+        _check_window_arguments(node.target, args, kwargs)
         return node.target(*args, **kwargs)
     except NotImplementedError:  # no meta kernel, or a size that depends on the values (nonzero)
         return _recorded(node)
