@@ -306,3 +306,33 @@ def test_check_onnx_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         "min-coverage": "pass",
         "require-verified": "pass",
     }
+
+
+def _padded_conv(path: Path, padding: int) -> Path:
+    """A 400-byte ONNX file: one conv padded by `padding` on an 8x8 input."""
+    weight = numpy_helper.from_array(np.random.default_rng(0).random((8, 1, 3, 3), dtype=np.float32), "w")
+    side = 8 + 2 * padding - 2
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[padding] * 4), helper.make_node("Relu", ["y"], ["z"])],
+        "padded",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 8, side, side])],
+        initializer=[weight],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("flags", [[], ["--input-shape", "1,1,8,8"]], ids=["default-input", "given-input"])
+def test_an_onnx_run_larger_than_memory_is_refused_before_it_runs(tmp_path: Path, flags: list[str]) -> None:
+    """A conv padded by 20 000 asks for 95 GiB from 400 bytes. Before: with a given input,
+    onnxruntime's own error lines, then ours; with the default input, a report saying "no example
+    input". Control: the file is valid ONNX, and padding 1 audits."""
+    path = _padded_conv(tmp_path / "bomb.onnx", 20_000)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    result = CliRunner().invoke(app, ["audit", str(path), *flags])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error:") and len(result.output.strip().splitlines()) == 1, result.output
+    assert "GiB of float64 values" in result.output and "--input-shape" in result.output
+    honest = CliRunner().invoke(app, ["audit", str(_padded_conv(tmp_path / "honest.onnx", 1)), *flags])
+    assert honest.exit_code == 0, honest.output

@@ -71,6 +71,24 @@ def physical_memory() -> int:
         return 8 * 2**30
 
 
+def check_run_fits(held: float, what: str, remedy: str, memory: int | None = None) -> None:
+    """Refuse a run whose float64 values would hold more than MEMORY_FRACTION of `memory` (default:
+    this machine's): a crafted padding of thousands asks for gigabytes from a few kilobytes."""
+    limit = (memory or physical_memory()) * MEMORY_FRACTION
+    if held > limit:
+        raise InputError(
+            f"one run of {what} holds {_bytes_text(held)} of float64 values, more than "
+            f"{MEMORY_FRACTION:.0%} of this machine's {_bytes_text(limit / MEMORY_FRACTION)} of memory: {remedy}"
+        )
+
+
+def _bytes_text(count: float) -> str:
+    """160 B, 3.2 MiB, 95.4 GiB."""
+    power = min(int(math.log(count, 1024)), 3) if count >= 1 else 0
+    unit = ("B", "KiB", "MiB", "GiB")[power]
+    return f"{count:.0f} B" if power == 0 else f"{count / 1024**power:.1f} {unit}"
+
+
 class CorruptArchive(InputError):
     """A member fails its CRC, the zip structure is damaged or ambiguous (exit 2)."""
 

@@ -15,7 +15,8 @@ the initializer's name (also multiplied by Gemm's alpha; a Gemm bias by beta), a
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Mapping, Sequence
+import math
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 
 from ..errors import InputError, TraceError, describe, shorten
 from ..ir import Graph, Node, Runner
+from ..safe_archive import check_run_fits
 
 # ONNX op_type -> canonical op (wssi_audit.ops). Ops resolved by `_convert_node` because their
 # meaning depends on the operands: Gemm, MatMul, Add, Sub, Mul, Div, Gather, BatchNormalization.
@@ -610,6 +612,11 @@ class OnnxRunner(Runner):
         except Exception:
             infos = [*proto.graph.input, *proto.graph.output]
         self._info = {v.name: v for v in infos}
+        check_run_fits(
+            _static_bytes(self._info.values(), example_inputs),
+            "this ONNX model at its input",
+            "audit it at a smaller --input-shape",
+        )
         input_types = {v.name: v.type.tensor_type.elem_type for v in proto.graph.input}
         self._feeds = {}
         for name, value in zip(self._input_names, example_inputs):
@@ -622,7 +629,7 @@ class OnnxRunner(Runner):
 
         if self._options is None:
             self._options = ort.SessionOptions()
-            self._options.log_severity_level = 3
+            self._options.log_severity_level = 4  # fatal only: its errors are raised, and said in one line
         return ort.InferenceSession(proto.SerializeToString(), self._options, providers=["CPUExecutionProvider"])
 
     def _value_info(self, name: str) -> Any:
@@ -699,6 +706,16 @@ class OnnxRunner(Runner):
         return self._collect(outputs, arrays, capture)
 
 
+def _static_bytes(infos: Iterable[Any], inputs: Sequence[Any]) -> int:
+    """Bytes the values with sizes known by shape inference hold as float64 captures, inputs included."""
+    held = sum(int(x.numel()) * 8 for x in inputs if torch.is_tensor(x))
+    for info in infos:
+        dims = info.type.tensor_type.shape.dim if info.type.HasField("tensor_type") else []
+        if dims and all(d.HasField("dim_value") for d in dims):
+            held += math.prod(d.dim_value for d in dims) * 8
+    return held
+
+
 def helper_dtype(info: Any) -> Any:
     from onnx import helper
 
@@ -734,6 +751,8 @@ def graph_from_onnx(model: Any, example_inputs: Sequence[Any] | None = None, see
     try:
         graph.runner = OnnxRunner(onnx_model, converter, inputs)
         graph.runner({})
+    except InputError:  # a run larger than memory: said, not silently skipped
+        raise
     except Exception as error:
         graph.runner = None
         if example_inputs is not None:

@@ -11,7 +11,6 @@ meta kernel, or whose output size depends on the data, keeps its recorded size.
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -22,7 +21,7 @@ from torch.export.graph_signature import InputKind
 from torch.utils._pytree import tree_flatten
 
 from ..errors import InputError, describe, shorten
-from ..safe_archive import MEMORY_FRACTION, physical_memory
+from ..safe_archive import check_run_fits
 from .torch_export import inline_subgraphs
 
 STATE_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
@@ -401,17 +400,4 @@ def check_recorded_sizes(
             )
         env[node] = value
         held += _held_bytes(node.target, value)
-    limit = (memory or physical_memory()) * MEMORY_FRACTION
-    if held > limit:
-        raise InputError(
-            f"one run of this program at its sample input holds {_bytes_text(held)} of float64 values, more than "
-            f"{MEMORY_FRACTION:.0%} of this machine's {_bytes_text(limit / MEMORY_FRACTION)} of memory: "
-            "export it with a smaller sample input"
-        )
-
-
-def _bytes_text(count: float) -> str:
-    """160 B, 3.2 MiB, 95.4 GiB."""
-    power = min(int(math.log(count, 1024)), 3) if count >= 1 else 0
-    unit = ("B", "KiB", "MiB", "GiB")[power]
-    return f"{count:.0f} B" if power == 0 else f"{count / 1024**power:.1f} {unit}"
+    check_run_fits(held, "this program at its sample input", "export it with a smaller sample input", memory)
