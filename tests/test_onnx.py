@@ -336,3 +336,27 @@ def test_an_onnx_run_larger_than_memory_is_refused_before_it_runs(tmp_path: Path
     assert "GiB of float64 values" in result.output and "--input-shape" in result.output
     honest = CliRunner().invoke(app, ["audit", str(_padded_conv(tmp_path / "honest.onnx", 1)), *flags])
     assert honest.exit_code == 0, honest.output
+
+
+def test_a_model_that_does_not_run_on_its_default_input_says_so(tmp_path: Path) -> None:
+    """Dynamic batch, then a reshape to a fixed size that the default batch of 1 cannot take: the
+    notes used to say "no example input", which hid why nothing was run."""
+    weight = numpy_helper.from_array(np.ones((6, 4), np.float32), "w")
+    shape = numpy_helper.from_array(np.array([2, 6], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("MatMul", ["r", "w"], ["y"])],
+        "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        initializer=[weight, shape],
+    )
+    path = tmp_path / "fixed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    report = audit(path)
+    assert "does not run on its default input" in report.summary.gradient.measured_note
+    assert "--input-shape" in report.summary.gradient.measured_note
+    given = audit(path, (torch.randn(2, 6),))  # control: with a batch of 2 it runs (ONNX: no autograd)
+    assert (
+        "no autograd" in given.summary.gradient.measured_note
+        and given.summary.verification_note == "checked in float32"
+    )

@@ -46,7 +46,8 @@ class Graph:
     tensors: Mapping[str, torch.Tensor]  # state_dict key -> tensor (parameters and buffers)
     method: str  # how the graph was obtained, e.g. "fx", "fx+leaves", "export", "onnx"
     unanalyzed: list[Unanalyzed] = field(default_factory=list)
-    runner: Runner | None = None  # None when no example input is known
+    runner: Runner | None = None  # None when no example input is known, or the model did not run on it
+    runner_note: str = ""  # why there is no runner, where not for want of an example input
     parameter_count: int = 0
 
     @property

@@ -48,13 +48,18 @@ def _flat(values: list[torch.Tensor]) -> torch.Tensor:
 
 
 def measured_log10_gradient(
-    runner: Runner | None, steps: int = STEPS, seed: int = 0, points: torch.Tensor | None = None
+    runner: Runner | None,
+    steps: int = STEPS,
+    seed: int = 0,
+    points: torch.Tensor | None = None,
+    no_runner: str = "no example input",
 ) -> tuple[float | None, str, str]:
     """(log10 of the lower estimate of ||J||_2, note, method). `points`: a batch of examples
     (N, ...) measured in place of the first floating-point example input, in chunks of its batch
-    size; the largest figure over all of them is reported (each is a lower estimate)."""
+    size; the largest figure over all of them is reported (each is a lower estimate). `no_runner`:
+    the note where there is no runner."""
     if runner is None:
-        return None, "no example input", ""
+        return None, no_runner, ""
     handle = runner.differentiable()
     if handle is None:
         return None, "not measured: this runtime has no autograd (onnxruntime)", ""

@@ -226,8 +226,9 @@ def verify_chains(
     trivial = {c.id: ChainCheck(TRIVIAL, reason="one layer: no shift to check") for c in chains if len(c.layers) < 2}
     multi = [c for c in chains if len(c.layers) > 1]
     if graph.runner is None:
-        checks = {c.id: ChainCheck(NOT_RUN, reason="no example input") for c in multi}
-        return Verification({**trivial, **checks}, note="no example input: chains not verified")
+        why = graph.runner_note or "no example input"
+        checks = {c.id: ChainCheck(NOT_RUN, reason=why) for c in multi}
+        return Verification({**trivial, **checks}, note=f"{why}: chains not verified")
     consumers = consumers if consumers is not None else graph.consumers()
     rng = random.Random(seed)
     try:

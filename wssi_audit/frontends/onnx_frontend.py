@@ -755,6 +755,9 @@ def graph_from_onnx(model: Any, example_inputs: Sequence[Any] | None = None, see
         raise
     except Exception as error:
         graph.runner = None
+        graph.runner_note = (
+            f"the model does not run on its default input (dynamic sizes 1; give --input-shape): {describe(error)}"
+        )
         if example_inputs is not None:
             shapes = ";".join(",".join(map(str, x.shape)) for x in inputs if torch.is_tensor(x))
             raise InputError(f"the ONNX model does not run on inputs of shape {shapes}: {describe(error)}") from None
