@@ -122,7 +122,12 @@ def _channel_norm(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
     x = args[0]
     if x.dim() < 2:
         _refuse(f"a normalization over channels of an input of {tuple(x.shape)}")
-    for t in args[1:5]:
+    return _per_channel(x, args[1:5])
+
+
+def _per_channel(x: torch.Tensor, tensors: Sequence[Any]) -> list[int]:
+    """The input's sizes, once each tensor given holds one value per channel (dimension 1)."""
+    for t in tensors:
         if isinstance(t, torch.Tensor) and t.numel() != x.shape[1]:
             _refuse(f"{t.numel()} per-channel values for {x.shape[1]} channels")
     return list(x.shape)
@@ -145,10 +150,7 @@ def _group_norm(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
     x, groups = args[0], args[1]
     if x.dim() < 2 or groups < 1 or x.shape[1] % groups:
         _refuse(f"{groups} groups for an input of {tuple(x.shape)}")
-    for t in args[2:4]:
-        if isinstance(t, torch.Tensor) and t.numel() != x.shape[1]:
-            _refuse(f"{t.numel()} per-channel values for {x.shape[1]} channels")
-    return list(x.shape)
+    return _per_channel(x, args[2:4])
 
 
 def _native_group_norm(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
