@@ -217,3 +217,30 @@ def test_shift_layers_with_stream_scales() -> None:
     shifted.load_state_dict({**model.state_dict(), **plain})
     with torch.no_grad():
         assert torch.allclose(shifted(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def _mlp(dropout: bool = False) -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(8, 16), torch.nn.ReLU()] + ([torch.nn.Dropout(0.5)] if dropout else [])
+    return torch.nn.Sequential(*layers, torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("case", ["nan-weight", "training-dropout"])
+def test_a_model_balance_cannot_act_on_is_an_input_error_that_says_why(tmp_path: Path, case: str) -> None:
+    """Both were exit 3 ("failed the self-check" / "rebalancing changed the outputs"), blaming the
+    analyzer for a broken model or a random one. Control: the same model in eval mode with finite
+    weights is balanced."""
+    model = _mlp(dropout=case == "training-dropout")
+    if case == "nan-weight":
+        with torch.no_grad():
+            model[0].weight[0, 0] = math.nan
+        model.eval()
+    path = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(4, 8),)), str(path))  # dropout: still in train mode
+    result = runner.invoke(app, ["balance", str(path), "-o", str(tmp_path / "out.pt2")])
+    assert result.exit_code == 2, result.output
+    assert ("nothing to rebalance" if case == "nan-weight" else "eval mode") in result.output
+    assert not (tmp_path / "out.pt2").exists()
+    honest = tmp_path / "honest.pt2"
+    torch.export.save(torch.export.export(_mlp(dropout=True).eval(), (torch.randn(4, 8),)), str(honest))
+    assert runner.invoke(app, ["balance", str(honest), "-o", str(tmp_path / "out.pt2")]).exit_code == 0

@@ -29,7 +29,7 @@ import torch
 
 from .analysis.metrics import chain_metrics, layer_norms
 from .analysis.structure import Chain
-from .analysis.verify import TOLERANCE, relative_error
+from .analysis.verify import TOLERANCE, random_nodes, relative_error
 from .analysis.weights import shift_layers
 from .auditing import Analysis, analyze
 from .errors import AnalysisInconsistency, InputError
@@ -219,6 +219,18 @@ def balance(
         model = load_model(model)  # once: the audit and the rewrite share it
     analysis = analyze(model, example_inputs, method=method, verify=True, seed=seed)
     report, graph = analysis.report, analysis.graph
+    broken = [layer.name for layer in report.layers if layer.status == "non_finite"]
+    if broken:  # the model is broken, not the analysis: say so, not "failed the self-check"
+        raise InputError(
+            f"{len(broken)} layer(s) hold NaN or Inf weights or BatchNorm statistics, or fold to them "
+            f"({', '.join(broken[:3])}): nothing to rebalance"
+        )
+    drawing = random_nodes(graph)
+    if drawing:
+        raise InputError(
+            f"{drawing[0].op} '{drawing[0].label}' draws random numbers at every run, so outputs before and after "
+            "cannot be compared: export the model in eval mode (model.eval()) to rebalance it"
+        )
     if report.failed_chains:
         ids = [c.id for c in report.failed_chains]
         raise AnalysisInconsistency(f"chains {ids} failed the scale-shift self-check: refusing to rebalance")

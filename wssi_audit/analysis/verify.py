@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import describe
-from ..ir import Graph, Runner, all_finite, leaves
+from ..ir import Graph, Node, Runner, all_finite, leaves
 from ..ops import spec_of
 from .structure import Chain, WeightLayer
 from .weights import bn_scale, chain_tensor_keys, shift_layers
@@ -245,6 +245,11 @@ def verify_chains(
     return Verification({**trivial, **checks}, global_error, str(dtype).replace("torch.", ""), note, dead)
 
 
+def random_nodes(graph: Graph) -> list[Node]:
+    """Nodes that draw random numbers at every run (dropout in training mode): two runs differ."""
+    return [node for node in graph.nodes.values() if getattr(spec_of(node.op), "random", False)]
+
+
 def _global_check(
     graph: Graph, chains: list[Chain], checker: _ChainChecker, rng: random.Random
 ) -> tuple[float | None, str]:
@@ -253,7 +258,7 @@ def _global_check(
         return None, ""
     if not all(_finite([t]) for t in graph.tensors.values() if t.is_floating_point()):
         return None, "global check skipped: the model has non-finite tensors"
-    drawing = [node for node in graph.nodes.values() if getattr(spec_of(node.op), "random", False)]
+    drawing = random_nodes(graph)
     if drawing:  # two runs of the whole graph differ whatever the shift
         return None, f"global check skipped: {drawing[0].op} '{drawing[0].label}' draws random numbers at every run"
     combined: dict[str, torch.Tensor] = {}
