@@ -155,9 +155,7 @@ def analyze_graph(
     homogeneous_weight = sum(record.parameters for record in layers if record.homogeneous)
     frobenius, frobenius_note = log10_input_gradient_bound(graph, structure, norms, node_lipschitz=certified.pools)
     measured, measured_note, measured_method = (
-        measured_log10_gradient(
-            graph.runner, seed=seed, points=measure_on, no_runner=graph.runner_note or "no example input"
-        )
+        measured_log10_gradient(graph.runner, seed=seed, points=measure_on, no_runner=graph.runner_note)
         if measure
         else (None, "not measured (--no-measure)", "")
     )

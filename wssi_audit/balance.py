@@ -219,12 +219,9 @@ def balance(
         model = load_model(model)  # once: the audit and the rewrite share it
     analysis = analyze(model, example_inputs, method=method, verify=True, seed=seed)
     report, graph = analysis.report, analysis.graph
-    broken = [layer.name for layer in report.layers if layer.status == "non_finite"]
+    broken = next((f for f in report.findings if f.code == "non_finite_weights"), None)
     if broken:  # the model is broken, not the analysis: say so, not "failed the self-check"
-        raise InputError(
-            f"{len(broken)} layer(s) hold NaN or Inf weights or BatchNorm statistics, or fold to them "
-            f"({', '.join(broken[:3])}): nothing to rebalance"
-        )
+        raise InputError(f"{broken.message}: nothing to rebalance")
     drawing = random_nodes(graph)
     if drawing:
         raise InputError(

@@ -47,7 +47,7 @@ class Graph:
     method: str  # how the graph was obtained, e.g. "fx", "fx+leaves", "export", "onnx"
     unanalyzed: list[Unanalyzed] = field(default_factory=list)
     runner: Runner | None = None  # None when no example input is known, or the model did not run on it
-    runner_note: str = ""  # why there is no runner, where not for want of an example input
+    runner_note: str = "no example input"  # why there is no runner (read only when there is none)
     parameter_count: int = 0
 
     @property

@@ -13,7 +13,7 @@ from ..ir import Graph, all_finite
 from ..ops import Role, overlap_factor, spec_of
 from .conv_geometry import axis_pads, per_axis
 from .structure import Chain, ResidualBlock, Structure, WeightLayer
-from .weights import EffectiveWeight, bn_scale, effective_weight, layer_tensor_keys
+from .weights import EffectiveWeight, effective_weight, fold_is_finite, layer_tensor_keys
 
 NEG_INF = float("-inf")
 
@@ -192,7 +192,7 @@ def layer_status(layer: WeightLayer, tensors: Mapping[str, torch.Tensor]) -> str
     an all-zero weight; else ok."""
     if not all(all_finite(tensors[key]) for key in layer_tensor_keys(layer)):
         return NON_FINITE
-    if layer.bn is not None and not all_finite(bn_scale(layer, tensors)):
+    if not fold_is_finite(layer, tensors):
         return NON_FINITE
     return ZERO if not bool(tensors[layer.weight].any()) else OK
 

@@ -34,7 +34,7 @@ from ..errors import describe
 from ..ir import Graph, Node, Runner, all_finite, leaves
 from ..ops import spec_of
 from .structure import Chain, WeightLayer
-from .weights import bn_scale, chain_tensor_keys, shift_layers
+from .weights import chain_tensor_keys, fold_is_finite, shift_layers
 
 LOCAL_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 MIN_POWER = {torch.float64: 1e-3, torch.float32: 1e-2}
@@ -170,7 +170,7 @@ class _ChainChecker:
         nonfinite = [key for key in chain_tensor_keys(chain.layers) if not _finite([tensors[key]])]
         if nonfinite:
             return ChainCheck(FAILED, reason=f"non-finite values in {nonfinite[0]}")
-        folds = [layer.bn for layer in chain.layers if layer.bn and not _finite([bn_scale(layer, tensors)])]
+        folds = [layer.bn for layer in chain.layers if layer.bn and not fold_is_finite(layer, tensors)]
         if folds:
             return ChainCheck(FAILED, reason=f"non-finite values in the fold of {folds[0].name} (eps {folds[0].eps:g})")
         nodes, checked = self.segments[chain.id]
@@ -226,9 +226,8 @@ def verify_chains(
     trivial = {c.id: ChainCheck(TRIVIAL, reason="one layer: no shift to check") for c in chains if len(c.layers) < 2}
     multi = [c for c in chains if len(c.layers) > 1]
     if graph.runner is None:
-        why = graph.runner_note or "no example input"
-        checks = {c.id: ChainCheck(NOT_RUN, reason=why) for c in multi}
-        return Verification({**trivial, **checks}, note=f"{why}: chains not verified")
+        checks = {c.id: ChainCheck(NOT_RUN, reason=graph.runner_note) for c in multi}
+        return Verification({**trivial, **checks}, note=f"{graph.runner_note}: chains not verified")
     consumers = consumers if consumers is not None else graph.consumers()
     rng = random.Random(seed)
     try:

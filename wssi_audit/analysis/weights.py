@@ -6,19 +6,26 @@ from collections.abc import Mapping
 
 import torch
 
+from ..ir import all_finite
 from .structure import WeightLayer
 
 Tensors = Mapping[str, torch.Tensor]
 EffectiveWeight = tuple[torch.Tensor, torch.Tensor | None]
 
 
-def bn_scale(layer: WeightLayer, tensors: Tensors) -> torch.Tensor:
+def _bn_scale(layer: WeightLayer, tensors: Tensors) -> torch.Tensor:
     """gamma / sqrt(var + eps): the folded BatchNorm's per-channel scale."""
     bn = layer.bn
     assert bn is not None
     gamma = tensors[bn.weight].double()
     var = tensors[bn.running_var].double()
     return gamma / torch.sqrt(var + bn.eps)
+
+
+def fold_is_finite(layer: WeightLayer, tensors: Tensors) -> bool:
+    """False when the BatchNorm folded into the layer scales by NaN or Inf: an eps that is NaN or
+    leaves var + eps <= 0, though every tensor is finite."""
+    return layer.bn is None or all_finite(_bn_scale(layer, tensors))
 
 
 def _scale_out_channels(layer: WeightLayer, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -45,7 +52,7 @@ def effective_weight(layer: WeightLayer, tensors: Tensors) -> EffectiveWeight:
     if layer.bn is None:
         return weight, bias
     bn = layer.bn
-    scale = bn_scale(layer, tensors)
+    scale = _bn_scale(layer, tensors)
     mean = tensors[bn.running_mean].double()
     beta = tensors[bn.bias].double()
     conv_bias = bias if bias is not None else torch.zeros_like(mean)
@@ -89,7 +96,7 @@ def shift_layers(
                 overrides[layer.bias] = tensors[layer.bias].double() * c
             continue
         bn = layer.bn
-        scale = bn_scale(layer, tensors)
+        scale = _bn_scale(layer, tensors)
         mean = tensors[bn.running_mean].double()
         conv_bias = tensors[layer.bias].double() if layer.bias else torch.zeros_like(mean)
         beta = tensors[bn.bias].double()

@@ -22,10 +22,9 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import InputError, describe, shorten
 from ..safe_archive import check_run_fits
-from .torch_export import inline_subgraphs
+from .torch_export import CORRUPT, inline_subgraphs
 
 STATE_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
-CORRUPT = "the archive is corrupt or was edited"
 # Operators that read a value (.item()): the meta device has none, and the record is all there is.
 VALUE_READS = frozenset({"_local_scalar_dense"})
 

@@ -21,6 +21,9 @@ def export_module(module: nn.Module, example_inputs: Sequence[Any]) -> torch.exp
     return torch.export.export(module.eval(), tuple(example_inputs), strict=False)
 
 
+CORRUPT = "the archive is corrupt or was edited"
+
+
 def _user_inputs(program: torch.export.ExportedProgram) -> list[fx.Node]:
     users = set(program.graph_signature.user_inputs)
     return [node for node in program.graph.nodes if node.op == "placeholder" and node.name in users]
@@ -32,8 +35,8 @@ def _check_saved_inputs(program: torch.export.ExportedProgram, args: Sequence[to
     placeholders = _user_inputs(program)
     if len(args) != len(placeholders):
         raise InputError(
-            f"the archive's sample inputs are {len(args)} tensors for a program of {len(placeholders)} inputs: "
-            "the archive is corrupt or was edited"
+            f"the archive's sample inputs are {len(args)} tensors "
+            f"for a program of {len(placeholders)} inputs: {CORRUPT}"
         )
     for node, arg in zip(placeholders, args):
         value = node.meta.get("val")
@@ -47,8 +50,7 @@ def _check_saved_inputs(program: torch.export.ExportedProgram, args: Sequence[to
         ):
             raise InputError(
                 f"the archive's sample input {node.name} is {tuple(arg.shape)} {str(arg.dtype).replace('torch.', '')}, "
-                f"the program was traced with {tuple(recorded)} {str(value.dtype).replace('torch.', '')}: "
-                "the archive is corrupt or was edited"
+                f"the program was traced with {tuple(recorded)} {str(value.dtype).replace('torch.', '')}: {CORRUPT}"
             )
 
 
