@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from conftest import example_model
 from wssi_audit import audit
+from wssi_audit.errors import InputError
 from wssi_audit.frontends.torch_export import unlifted_module
 from wssi_audit.loading import load_model
 from wssi_audit.pt2_reader import DTYPES, LAYOUTS, MEMORY_FORMATS, Unsupported, read_program
@@ -131,6 +132,7 @@ def assert_same_program(ours: torch.export.ExportedProgram, theirs: torch.export
     assert [e.fqn for e in ours.module_call_graph] == [e.fqn for e in theirs.module_call_graph]
     assert [e.signature for e in ours.module_call_graph] == [e.signature for e in theirs.module_call_graph]
     assert [v.dialect for v in ours.verifiers] == [v.dialect for v in theirs.verifiers]
+    torch.export.ExportedProgram.validate(ours)  # torch's own verifier (the reader's skips one check)
 
 
 @pytest.mark.parametrize("name", ["cnn", "resnet_bn", "transformer_block", "odd", "mutation"])
@@ -186,19 +188,44 @@ def test_audit_reports_are_identical_through_either_loader(tmp_path, name):
     assert fast_json["summary"]["gradient"]["log10_measured"] is not None
 
 
-def test_a_plain_archive_is_audited_without_importing_dynamo(tmp_path):
-    """The point of the reader; the control shows the probe sees torch.export.load's import."""
+def test_a_plain_archive_is_audited_without_importing_dynamo_or_sympy(tmp_path):
+    """The point of the reader (a second), of the window size rules, the reader's verifier and the
+    measured gradient's seeds (0.4 s, sympy); the control shows the probe sees torch.export.load's
+    imports of both."""
     model, x = example_model("resnet_bn")
     path = _save(model, x, tmp_path / "model.pt2")
     probe = (
         "import sys; from wssi_audit import audit; from wssi_audit.loading import load_model; "
-        "audit(load_model(sys.argv[1], for_analysis=sys.argv[2] == 'fast')); "
-        "print('torch._dynamo' in sys.modules)"
+        "report = audit(load_model(sys.argv[1], for_analysis=sys.argv[2] == 'fast')); "
+        "assert report.summary.gradient.log10_measured is not None; "
+        "print('torch._dynamo' in sys.modules, 'sympy' in sys.modules)"
     )
-    for mode, expected in (("fast", "False"), ("plain", "True")):
+    for mode, expected in (("fast", "False False"), ("plain", "True True")):
         done = subprocess.run([sys.executable, "-c", probe, str(path), mode], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip().splitlines()[-1] == expected, (mode, done.stdout)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["graph_module"]["signature"]["input_specs"].pop(0), "Number of graph inputs"),
+        (lambda d: d.__setitem__("verifiers", ["ATEN"]), "not functional"),
+    ],
+    ids=["signature-short-of-an-input", "in-place-op-in-the-functional-dialect"],
+)
+def test_the_readers_verifier_refuses_what_torchs_refuses(tmp_path, edit, message):
+    """The reader checks its program as torch's verifier does (but for the value check that imports
+    sympy): a signature that misses a graph input, or an in-place op in a dialect that forbids them,
+    is refused by both, and the audit says the file is unreadable."""
+    model, x = _models()["mutation"]  # a buffer written in place (add_)
+    path = _edited(_save(model, x, tmp_path / "model.pt2"), tmp_path / "edited.pt2", "models/model.json", edit)
+    with pytest.raises(torch._export.verifier.SpecViolationError, match=message):
+        _read(path)
+    with pytest.raises(Exception, match=message):
+        torch.export.load(str(path))
+    with pytest.raises(InputError, match="cannot read torch.export archive"):
+        load_model(path, for_analysis=True)
 
 
 class Autocast(nn.Module):

@@ -28,7 +28,7 @@ grad, its outputs are what the backward passes differentiate.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -190,7 +190,7 @@ class _Products:
     def pullback(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.constant:
             return tuple(torch.zeros_like(x) for x in self.primal)
-        grads = torch.autograd.grad(self.output, self.inputs, u, retain_graph=True, allow_unused=True)
+        grads = _vjp([self.output], self.inputs, [u], retain_graph=True)
         return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(self.primal, grads))
 
     def push(self, direction: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -212,18 +212,24 @@ class _Products:
     def _double_backward(self, direction: tuple[torch.Tensor, ...]) -> torch.Tensor:
         if self.seed is None:  # J^T seed as a function of the seed, built once: it is linear in it
             self.seed = torch.zeros_like(self.output, requires_grad=True)
-            grads = torch.autograd.grad(self.output, self.inputs, self.seed, create_graph=True, allow_unused=True)
+            grads = _vjp([self.output], self.inputs, [self.seed], create_graph=True)
             self.pulled = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
         if not self.pulled:
             return torch.zeros_like(self.output)
-        (image,) = torch.autograd.grad(
-            [g for _, g in self.pulled],
-            self.seed,
-            [direction[i] for i, _ in self.pulled],
-            retain_graph=True,
-            allow_unused=True,
-        )
+        (image,) = _vjp([g for _, g in self.pulled], (self.seed,), [direction[i] for i, _ in self.pulled], retain_graph=True)
         return torch.zeros_like(self.output) if image is None else image.detach()
+
+
+def _vjp(
+    outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], seeds: Sequence[torch.Tensor], **options: bool
+) -> tuple[torch.Tensor | None, ...]:
+    """sum_k J_k^T seed_k, as the gradient of the scalar sum_k <output_k, seed_k>: the same numbers
+    (the product's backward multiplies the seed by exactly 1) without torch.autograd.grad's
+    grad_outputs, whose shape check imports sympy (0.4 s of a ResNet-50 audit)."""
+    if any(o.shape != s.shape for o, s in zip(outputs, seeds, strict=True)):
+        raise ValueError(f"seeds of {[tuple(s.shape) for s in seeds]} for outputs of {[tuple(o.shape) for o in outputs]}")
+    total = sum(((o * s).sum() for o, s in zip(outputs, seeds)), start=torch.zeros(()))
+    return torch.autograd.grad(total, inputs, allow_unused=True, **options)
 
 
 def _bidiagonalization(

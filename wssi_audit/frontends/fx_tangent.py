@@ -159,7 +159,7 @@ def _slope(site: _Site) -> tuple[Any, Step]:
         result = site.call_with({source: leaf.clone()})  # an in-place op writes the copy
         if not torch.is_tensor(result) or result.shape != primal.shape:
             raise Decline(f"{site.node.name}: not elementwise")
-        (slope,) = torch.autograd.grad(result, leaf, torch.ones_like(result))
+        (slope,) = torch.autograd.grad(result.sum(), leaf)  # a grad_outputs seed would import sympy
     return site.run(), lambda tangents: tangents[source] * slope
 
 

@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_flatten
 from ..errors import InputError, describe, shorten
 from ..safe_archive import check_run_fits
 from .torch_export import CORRUPT, inline_subgraphs
+from .window_sizes import WINDOW_RULES
 
 STATE_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 # Operators that read a value (.item()): the meta device has none, and the record is all there is.
@@ -108,7 +109,20 @@ def _held_bytes(target: Any, value: Any) -> int:
 def _broadcast(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
     """Elementwise: the tensor operands' sizes broadcast."""
     operands = [leaf for leaf in tree_flatten((args, kwargs))[0] if isinstance(leaf, torch.Tensor)]
-    return list(torch.broadcast_shapes(*(operand.shape for operand in operands)))
+    return _broadcast_shapes(*(operand.shape for operand in operands))
+
+
+def _broadcast_shapes(*shapes: Sequence[int]) -> list[int]:
+    """torch.broadcast_shapes, whose first call imports sympy (0.4 s): sizes aligned at the end,
+    each axis the operands' common size where the others have 1."""
+    result = [1] * max((len(shape) for shape in shapes), default=0)
+    for shape in shapes:
+        for axis, size in enumerate(shape, start=len(result) - len(shape)):
+            if result[axis] == 1:
+                result[axis] = size
+            elif size not in (1, result[axis]):
+                _refuse(f"sizes {[tuple(s) for s in shapes]} do not broadcast")
+    return result
 
 
 def _refuse(message: str) -> NoReturn:
@@ -187,7 +201,7 @@ def _attention(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
     if query.shape[-1] != key.shape[-1] or key.shape[-2] != value.shape[-2]:
         _refuse(f"queries {tuple(query.shape)}, keys {tuple(key.shape)}, values {tuple(value.shape)}")
     return [
-        *torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]),
+        *_broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]),
         query.shape[-2],
         value.shape[-1],
     ]
@@ -218,7 +232,7 @@ def _linear(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
         _refuse(f"input {tuple(x.shape)} does not match a weight of {tuple(weight.shape)}")
     shape = [*x.shape[:-1], weight.shape[0]]
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    if isinstance(bias, torch.Tensor) and list(torch.broadcast_shapes(bias.shape, shape)) != shape:
+    if isinstance(bias, torch.Tensor) and _broadcast_shapes(bias.shape, shape) != shape:
         _refuse(f"a bias of {tuple(bias.shape)} for outputs of {tuple(shape)}")
     return shape
 
@@ -254,8 +268,10 @@ def _reduce(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
 
 
 # Output sizes of operators whose meta kernels are Python decompositions: those import torch._dynamo
-# on first use (a second; pt2_reader exists to avoid it). Elementwise operators go by their tag.
+# on first use (a second; pt2_reader exists to avoid it), or sympy through torch._check (0.4 s:
+# convolutions and pooling, window_sizes). Elementwise operators go by their tag.
 SIZE_RULES: dict[str, Any] = {
+    **WINDOW_RULES,
     **dict.fromkeys(
         ("batch_norm", "instance_norm", "native_batch_norm", "_native_batch_norm_legit",
          "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional"),
