@@ -156,3 +156,31 @@ def test_the_console_script_keeps_exit_codes_and_whole_outputs_when_it_skips_tea
     assert missing.returncode == 2 and "no such file" in missing.stderr + missing.stdout
     assert "Traceback" not in missing.stderr
     assert cli.FAST_EXIT_COMMANDS.isdisjoint({"finetune", "experiment", "demo"})
+
+
+def test_only_a_short_run_of_its_own_collects_cycles_less_often():
+    """A real process of an analysis command raises the collector's thresholds (cli.SHORT_RUN_GC_THRESHOLDS);
+    a training command keeps Python's, and `main(argv)` called in a caller's process leaves the
+    caller's alone."""
+    import gc
+    import subprocess
+    import sys
+
+    probe = (
+        "import gc, os, sys; from wssi_audit import cli; real = os._exit\n"
+        "def report(code): print(gc.get_threshold()); sys.stdout.flush(); real(code)\n"
+        "os._exit = report; sys.argv = ['wssi-audit', *sys.argv[1:]]\n"
+        "try: cli.main()\n"
+        "except SystemExit: report(0)\n"
+    )
+
+    def thresholds(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=300)
+        return done.stdout.strip().splitlines()[-1]
+
+    assert thresholds("schema") == str(cli.SHORT_RUN_GC_THRESHOLDS)
+    assert thresholds("finetune", "--help") == str(gc.get_threshold()) != str(cli.SHORT_RUN_GC_THRESHOLDS)
+    before = gc.get_threshold()
+    with pytest.raises(SystemExit):
+        cli.main(["schema"])
+    assert gc.get_threshold() == before

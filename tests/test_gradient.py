@@ -192,3 +192,21 @@ def test_a_non_finite_point_is_not_measured(fill: float, note: str) -> None:
     assert value is not None and math.isfinite(value)
     value, found, _ = measured_log10_gradient(build_graph(model, (torch.full_like(x, fill),)).runner)
     assert value is None and note in found
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), conv=st.booleans())
+def test_the_scalar_product_pullback_is_autograds_to_the_bit(seed, conv):
+    """_vjp takes J^T u as the gradient of <y, u> (no grad_outputs: their shape check imports sympy);
+    the reference is autograd with grad_outputs, and the numbers must be the same bits."""
+    from wssi_audit.analysis.gradient import _vjp
+
+    model, x = _network(seed, 6, 3, conv)
+    x = x.detach().requires_grad_()
+    y = model(x)
+    u = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
+    (expected,) = torch.autograd.grad(y, x, u, retain_graph=True)
+    (got,) = _vjp([y], (x,), [u], retain_graph=True)
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="seeds of"):
+        _vjp([y], (x,), [u[..., :1]])

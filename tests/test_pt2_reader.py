@@ -224,7 +224,7 @@ def test_the_readers_verifier_refuses_what_torchs_refuses(tmp_path, edit, messag
         _read(path)
     with pytest.raises(Exception, match=message):
         torch.export.load(str(path))
-    with pytest.raises(InputError, match="cannot read torch.export archive"):
+    with pytest.raises(InputError, match=r"cannot read torch\.export archive"):
         load_model(path, for_analysis=True)
 
 

@@ -87,8 +87,18 @@ def test_convolution_rules_agree_with_the_cpu_kernel(
         if family == "conv":
             return (t(*x), t(*weight), b, values(stride), values(padding), values(dilation), groups)
         if family == "conv_transpose":
-            return (t(*x), t(*weight), b, values(stride), values(padding), values(output_padding), groups, values(dilation))
-        return (t(*x), t(*weight), b, values(stride), values(padding), values(dilation), transposed, values(output_padding if transposed else 0), groups)  # fmt: skip
+            return (
+                t(*x),
+                t(*weight),
+                b,
+                values(stride),
+                values(padding),
+                values(output_padding),
+                groups,
+                values(dilation),
+            )
+        extra = values(output_padding if transposed else 0)
+        return (t(*x), t(*weight), b, values(stride), values(padding), values(dilation), transposed, extra, groups)
 
     op = {
         "conv": getattr(aten, f"conv{axes}d").default,
@@ -113,7 +123,9 @@ def test_convolution_rules_agree_with_the_cpu_kernel(
     ceil_mode=st.booleans(),
     lengths=st.sampled_from(["one", "all", "all", "wrong"]),
 )
-def test_pooling_rules_agree_with_the_cpu_kernel(axes, kind, batch, channels, size, kernel, stride, padding, dilation, ceil_mode, lengths):  # fmt: skip
+def test_pooling_rules_agree_with_the_cpu_kernel(
+    axes, kind, batch, channels, size, kernel, stride, padding, dilation, ceil_mode, lengths
+):
     if kind == "max_with_indices" and axes == 1:
         kind = "max"
     x = (*([] if batch is None else [batch]), channels, *[size + a for a in range(axes)])
@@ -127,7 +139,9 @@ def test_pooling_rules_agree_with_the_cpu_kernel(axes, kind, batch, channels, si
             return (t(*x), values(kernel), strides, values(padding), ceil_mode)
         return (t(*x), values(kernel), strides, values(padding), values(dilation), ceil_mode)
 
-    name = {"max": f"max_pool{axes}d", "max_with_indices": f"max_pool{axes}d_with_indices", "avg": f"avg_pool{axes}d"}[kind]
+    name = {"max": f"max_pool{axes}d", "max_with_indices": f"max_pool{axes}d_with_indices", "avg": f"avg_pool{axes}d"}[
+        kind
+    ]
     _agree(getattr(aten, name).default, name, build, degenerate=kind != "avg" and dilation < 1)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import sys
 
@@ -87,6 +88,10 @@ def _quiet_torch() -> None:
 # collecting the objects torch.export.load made, and torch's own finalizers). Training commands
 # (finetune, experiment, demo) keep the normal exit: their process groups and loggers clean up.
 FAST_EXIT_COMMANDS = frozenset({"audit", "check", "balance", "export", "schema"})
+# Those runs build a few million objects (torch's modules, the graph, the report) that live until
+# the exit. At Python's default thresholds the cycle collector walks all of them in four full
+# collections and frees almost nothing: 0.19 s of a ResNet-50 audit. It stays on, 140 times rarer.
+SHORT_RUN_GC_THRESHOLDS = (100_000, 50, 100)
 
 
 def _exit_now(code: object) -> None:
@@ -113,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     if DEBUG not in args[:end]:
         _quiet_torch()
     command = next((a for a in normalize_arguments(args, set(COMMAND_MODULES)) if a != DEBUG), None)
+    if argv is None and command in FAST_EXIT_COMMANDS:  # a process of its own, not a caller's
+        gc.set_threshold(*SHORT_RUN_GC_THRESHOLDS)
     try:
         app(args=args, prog_name="wssi-audit")
     except SystemExit as done:

@@ -132,7 +132,11 @@ class _ReadProgram(ep.ExportedProgram):
                 target = node.target
                 if not isinstance(target, torch._ops.OpOverload) and target not in builtins:
                     raise torch_verifier.SpecViolationError(f"Operator '{target}' is not an allowed operator type")
-                if isinstance(target, torch._ops.OpOverload) and verifier.dialect != "TRAINING" and target._schema.is_mutable:
+                if (
+                    isinstance(target, torch._ops.OpOverload)
+                    and verifier.dialect != "TRAINING"
+                    and target._schema.is_mutable
+                ):
                     raise torch_verifier.SpecViolationError(f"operator '{target}' is not functional")
         torch_verifier._verify_exported_program_module_call_graph(self)
         torch_verifier._verify_exported_program_signature(self)

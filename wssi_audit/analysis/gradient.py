@@ -216,7 +216,9 @@ class _Products:
             self.pulled = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
         if not self.pulled:
             return torch.zeros_like(self.output)
-        (image,) = _vjp([g for _, g in self.pulled], (self.seed,), [direction[i] for i, _ in self.pulled], retain_graph=True)
+        (image,) = _vjp(
+            [g for _, g in self.pulled], (self.seed,), [direction[i] for i, _ in self.pulled], retain_graph=True
+        )
         return torch.zeros_like(self.output) if image is None else image.detach()
 
 
@@ -227,7 +229,9 @@ def _vjp(
     (the product's backward multiplies the seed by exactly 1) without torch.autograd.grad's
     grad_outputs, whose shape check imports sympy (0.4 s of a ResNet-50 audit)."""
     if any(o.shape != s.shape for o, s in zip(outputs, seeds, strict=True)):
-        raise ValueError(f"seeds of {[tuple(s.shape) for s in seeds]} for outputs of {[tuple(o.shape) for o in outputs]}")
+        raise ValueError(
+            f"seeds of {[tuple(s.shape) for s in seeds]} for outputs of {[tuple(o.shape) for o in outputs]}"
+        )
     total = sum(((o * s).sum() for o, s in zip(outputs, seeds)), start=torch.zeros(()))
     return torch.autograd.grad(total, inputs, allow_unused=True, **options)
 

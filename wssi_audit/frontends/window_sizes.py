@@ -97,7 +97,9 @@ def _convolution(order: Sequence[str], transposed: bool | None, unbatched: bool)
     return rule
 
 
-def _direct_sizes(padding: list[int], spatial: list[int], kernel: list[int], stride: list[int], dilation: list[int]) -> list[int]:
+def _direct_sizes(
+    padding: list[int], spatial: list[int], kernel: list[int], stride: list[int], dilation: list[int]
+) -> list[int]:
     if min(padding) < 0:
         _refuse(f"negative padding {padding}")
     spans = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
@@ -107,7 +109,9 @@ def _direct_sizes(padding: list[int], spatial: list[int], kernel: list[int], str
     return [(n - span) // s + 1 for n, span, s in zip(padded, spans, stride)]
 
 
-def _padded_by_name(padding: str, spatial: list[int], kernel: list[int], stride: list[int], dilation: list[int]) -> list[int]:
+def _padded_by_name(
+    padding: str, spatial: list[int], kernel: list[int], stride: list[int], dilation: list[int]
+) -> list[int]:
     """padding='valid' (none) or 'same' (the input's sizes, unstrided only)."""
     if padding == "valid":
         return _direct_sizes([0] * len(spatial), spatial, kernel, stride, dilation)
@@ -124,7 +128,10 @@ def _transposed_sizes(
         _refuse(f"negative padding {padding} or output padding {extra}")
     if any(e >= s and e >= d for e, s, d in zip(extra, stride, dilation)):
         _refuse(f"output padding {extra} must be smaller than the stride {stride} or the dilation {dilation}")
-    sizes = [(n - 1) * s - 2 * p + d * (k - 1) + e + 1 for n, s, p, d, k, e in zip(spatial, stride, padding, dilation, kernel, extra)]
+    sizes = [
+        (n - 1) * s - 2 * p + d * (k - 1) + e + 1
+        for n, s, p, d, k, e in zip(spatial, stride, padding, dilation, kernel, extra)
+    ]
     if min(sizes) < 1:
         _refuse(f"output size {sizes} is too small")
     return sizes
@@ -153,8 +160,7 @@ def _pool(order: Sequence[str], axes: int, dilated: bool, unpadded: bool = False
             _refuse("divisor_override 0")
         ceil = bool(named["ceil_mode"])
         sizes = [
-            _pooled(n, k, s, p, d, ceil)
-            for n, k, s, p, d in zip(x.shape[-axes:], kernel, stride, padding, dilation)
+            _pooled(n, k, s, p, d, ceil) for n, k, s, p, d in zip(x.shape[-axes:], kernel, stride, padding, dilation)
         ]
         if min(sizes) < 1:
             _refuse(f"output size {sizes} is too small for an input of {tuple(x.shape)}")
