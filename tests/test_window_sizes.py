@@ -97,7 +97,7 @@ def test_convolution_rules_agree_with_the_cpu_kernel(
                 groups,
                 values(dilation),
             )
-        extra = values(output_padding if transposed else 0)
+        extra = values(output_padding if transposed else output_padding - 1)  # unused, but checked
         return (t(*x), t(*weight), b, values(stride), values(padding), values(dilation), transposed, extra, groups)
 
     op = {

@@ -86,6 +86,8 @@ def _convolution(order: Sequence[str], transposed: bool | None, unbatched: bool)
             _refuse(f"an input of {tuple(x.shape)} with {channels} channels for a weight of {tuple(weight.shape)}")
         if isinstance(bias, torch.Tensor) and (bias.dim() != 1 or bias.shape[0] != out_channels):
             _refuse(f"a bias of {tuple(bias.shape)} for {out_channels} output channels")
+        if "output_padding" in order and min(_per_axis(named, "output_padding", axes)) < 0:
+            _refuse(f"negative output padding {named['output_padding']}")  # checked if unused, too
         if isinstance(named["padding"], str):
             sizes = _padded_by_name(named["padding"], spatial, kernel, stride, dilation)
         elif flipped:
@@ -124,8 +126,8 @@ def _transposed_sizes(
     named: dict[str, Any], spatial: list[int], kernel: list[int], stride: list[int], dilation: list[int], axes: int
 ) -> list[int]:
     padding, extra = _per_axis(named, "padding", axes), _per_axis(named, "output_padding", axes)
-    if min(padding) < 0 or min(extra) < 0:
-        _refuse(f"negative padding {padding} or output padding {extra}")
+    if min(padding) < 0:
+        _refuse(f"negative padding {padding}")
     if any(e >= s and e >= d for e, s, d in zip(extra, stride, dilation)):
         _refuse(f"output padding {extra} must be smaller than the stride {stride} or the dilation {dilation}")
     sizes = [
