@@ -120,24 +120,20 @@ class _ReadProgram(ep.ExportedProgram):
     def validate(self) -> None:
         graph = self.graph_module.graph
         graph.lint()
-        for verifier in self.verifiers:
-            builtins = verifier().allowed_builtin_ops()
-            for node in graph.nodes:
-                if node.op in ("get_attr", "call_module", "call_method"):
-                    raise torch_verifier.SpecViolationError(f"{node.op} {node.target} in a read program")
-                if node.op in ("placeholder", "call_function") and "val" not in node.meta:
-                    raise torch_verifier.SpecViolationError(f"Node.meta {node.name} is missing val field.")
-                if node.op != "call_function":
-                    continue
-                target = node.target
-                if not isinstance(target, torch._ops.OpOverload) and target not in builtins:
-                    raise torch_verifier.SpecViolationError(f"Operator '{target}' is not an allowed operator type")
-                if (
-                    isinstance(target, torch._ops.OpOverload)
-                    and verifier.dialect != "TRAINING"
-                    and target._schema.is_mutable
-                ):
-                    raise torch_verifier.SpecViolationError(f"operator '{target}' is not functional")
+        builtins = torch_verifier.Verifier().allowed_builtin_ops()  # read_program admits only torch's two dialects
+        functional = any(verifier.dialect != "TRAINING" for verifier in self.verifiers)
+        for node in graph.nodes:
+            if node.op in ("get_attr", "call_module", "call_method"):
+                raise torch_verifier.SpecViolationError(f"{node.op} {node.target} in a read program")
+            if node.op in ("placeholder", "call_function") and "val" not in node.meta:
+                raise torch_verifier.SpecViolationError(f"Node.meta {node.name} is missing val field.")
+            if node.op != "call_function":
+                continue
+            target = node.target
+            if not isinstance(target, torch._ops.OpOverload) and target not in builtins:
+                raise torch_verifier.SpecViolationError(f"Operator '{target}' is not an allowed operator type")
+            if functional and isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
+                raise torch_verifier.SpecViolationError(f"operator '{target}' is not functional")
         torch_verifier._verify_exported_program_module_call_graph(self)
         torch_verifier._verify_exported_program_signature(self)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from torch import fx
@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten
 from ..errors import InputError, describe, shorten
 from ..safe_archive import check_run_fits
 from .torch_export import CORRUPT, inline_subgraphs
-from .window_sizes import WINDOW_RULES
+from .window_sizes import WINDOW_RULES, refuse
 
 STATE_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 # Operators that read a value (.item()): the meta device has none, and the record is all there is.
@@ -121,12 +121,8 @@ def _broadcast_shapes(*shapes: Sequence[int]) -> list[int]:
             if result[axis] == 1:
                 result[axis] = size
             elif size not in (1, result[axis]):
-                _refuse(f"sizes {[tuple(s) for s in shapes]} do not broadcast")
+                refuse(f"sizes {[tuple(s) for s in shapes]} do not broadcast")
     return result
-
-
-def _refuse(message: str) -> NoReturn:
-    raise RuntimeError(message)
 
 
 def _channel_norm(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
@@ -134,7 +130,7 @@ def _channel_norm(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
     sizes; each per-channel tensor given holds one entry per channel (dimension 1)."""
     x = args[0]
     if x.dim() < 2:
-        _refuse(f"a normalization over channels of an input of {tuple(x.shape)}")
+        refuse(f"a normalization over channels of an input of {tuple(x.shape)}")
     return _per_channel(x, args[1:5])
 
 
@@ -142,7 +138,7 @@ def _per_channel(x: torch.Tensor, tensors: Sequence[Any]) -> list[int]:
     """The input's sizes, once each tensor given holds one value per channel (dimension 1)."""
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.numel() != x.shape[1]:
-            _refuse(f"{t.numel()} per-channel values for {x.shape[1]} channels")
+            refuse(f"{t.numel()} per-channel values for {x.shape[1]} channels")
     return list(x.shape)
 
 
@@ -151,10 +147,10 @@ def _layer_norm(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
     normalized_shape, as weight and bias must be."""
     x, shape = args[0], list(args[1])
     if not shape or list(x.shape[x.dim() - len(shape) :]) != shape or len(shape) > x.dim():
-        _refuse(f"normalized shape {shape} for an input of {tuple(x.shape)}")
+        refuse(f"normalized shape {shape} for an input of {tuple(x.shape)}")
     for t in args[2:4]:
         if isinstance(t, torch.Tensor) and list(t.shape) != shape:
-            _refuse(f"an affine tensor of {tuple(t.shape)} for normalized shape {shape}")
+            refuse(f"an affine tensor of {tuple(t.shape)} for normalized shape {shape}")
     return list(x.shape)
 
 
@@ -162,7 +158,7 @@ def _group_norm(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
     """(input, num_groups, weight, bias, ...): the input's sizes; the groups divide the channels."""
     x, groups = args[0], args[1]
     if x.dim() < 2 or groups < 1 or x.shape[1] % groups:
-        _refuse(f"{groups} groups for an input of {tuple(x.shape)}")
+        refuse(f"{groups} groups for an input of {tuple(x.shape)}")
     return _per_channel(x, args[2:4])
 
 
@@ -170,7 +166,7 @@ def _native_group_norm(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]
     """(input, weight, bias, N, C, HxW, group, eps): the input's sizes, which N, C, HxW describe."""
     x, n, c, hw, groups = args[0], *args[3:7]
     if x.numel() != n * c * hw or (x.dim() > 1 and x.shape[1] != c) or groups < 1 or c % groups:
-        _refuse(f"N {n}, C {c}, HxW {hw}, {groups} groups for an input of {tuple(x.shape)}")
+        refuse(f"N {n}, C {c}, HxW {hw}, {groups} groups for an input of {tuple(x.shape)}")
     return list(x.shape)
 
 
@@ -180,7 +176,7 @@ def _along_dim(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
     x, dim = args[0], kwargs.get("dim", args[1])
     rank = max(x.dim(), 1)
     if not -rank <= dim < rank:
-        _refuse(f"dim {dim} of an input of {tuple(x.shape)}")
+        refuse(f"dim {dim} of an input of {tuple(x.shape)}")
     return list(x.shape)
 
 
@@ -191,7 +187,7 @@ def _roll(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
     dims = list(args[2]) if len(args) > 2 and isinstance(args[2], (list, tuple)) else list(args[2:3])
     rank = max(x.dim(), 1)
     if (len(shifts) != len(dims) if dims else len(shifts) != 1) or any(not -rank <= d < rank for d in dims):
-        _refuse(f"shifts {shifts} along dims {dims} of an input of {tuple(x.shape)}")
+        refuse(f"shifts {shifts} along dims {dims} of an input of {tuple(x.shape)}")
     return list(x.shape)
 
 
@@ -199,7 +195,7 @@ def _attention(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
     """softmax(q k^T) v: the queries' sizes with the values' last one."""
     query, key, value = args[:3]
     if query.shape[-1] != key.shape[-1] or key.shape[-2] != value.shape[-2]:
-        _refuse(f"queries {tuple(query.shape)}, keys {tuple(key.shape)}, values {tuple(value.shape)}")
+        refuse(f"queries {tuple(query.shape)}, keys {tuple(key.shape)}, values {tuple(value.shape)}")
     return [
         *_broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]),
         query.shape[-2],
@@ -215,12 +211,12 @@ def _cat(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
     dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
     rank = operands[0].dim()
     if not -rank <= dim < rank or any(t.dim() != rank for t in operands):
-        _refuse(f"cannot concatenate sizes {[tuple(t.shape) for t in operands]} along dim {dim}")
+        refuse(f"cannot concatenate sizes {[tuple(t.shape) for t in operands]} along dim {dim}")
     dim %= rank
     shape = list(operands[0].shape)
     for t in operands[1:]:
         if any(a != b for d, (a, b) in enumerate(zip(shape, t.shape)) if d != dim):
-            _refuse(f"cannot concatenate sizes {[tuple(t.shape) for t in operands]} along dim {dim}")
+            refuse(f"cannot concatenate sizes {[tuple(t.shape) for t in operands]} along dim {dim}")
     shape[dim] = sum(t.shape[dim] for t in operands)
     return shape
 
@@ -229,11 +225,11 @@ def _linear(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
     """x A^T + b: the input's sizes with the last one replaced by the weight's rows."""
     x, weight = args[0], args[1]
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        _refuse(f"input {tuple(x.shape)} does not match a weight of {tuple(weight.shape)}")
+        refuse(f"input {tuple(x.shape)} does not match a weight of {tuple(weight.shape)}")
     shape = [*x.shape[:-1], weight.shape[0]]
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     if isinstance(bias, torch.Tensor) and _broadcast_shapes(bias.shape, shape) != shape:
-        _refuse(f"a bias of {tuple(bias.shape)} for outputs of {tuple(shape)}")
+        refuse(f"a bias of {tuple(bias.shape)} for outputs of {tuple(shape)}")
     return shape
 
 
@@ -244,9 +240,9 @@ def _adaptive_pool(spatial: int) -> Any:
     def rule(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
         x, size = args[0], list(args[1])
         if len(size) != spatial or x.dim() not in (spatial + 1, spatial + 2) or any(n < 0 for n in size):
-            _refuse(f"output size {size} for an input of {tuple(x.shape)}")
+            refuse(f"output size {size} for an input of {tuple(x.shape)}")
         if any(n == 0 for n in x.shape[-spatial:]):
-            _refuse(f"an empty spatial axis in an input of {tuple(x.shape)}")
+            refuse(f"an empty spatial axis in an input of {tuple(x.shape)}")
         return [*x.shape[: x.dim() - spatial], *size]
 
     return rule
@@ -260,10 +256,10 @@ def _reduce(args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
     rank = max(x.dim(), 1)
     named = [dims] if isinstance(dims, int) else list(dims or range(rank))
     if any(not -rank <= d < rank for d in named):
-        _refuse(f"dims {dims} for an input of {tuple(x.shape)}")
+        refuse(f"dims {dims} for an input of {tuple(x.shape)}")
     reduced = {d % rank for d in named}
     if len(reduced) != len(named):
-        _refuse(f"a dimension named twice in {dims}")
+        refuse(f"a dimension named twice in {dims}")
     return [1 if d in reduced else n for d, n in enumerate(x.shape) if keep or d not in reduced]
 
 
@@ -310,7 +306,7 @@ def _check_window_arguments(target: torch._ops.OpOverload, args: Sequence[Any], 
     for name in WINDOW_ARGUMENTS & named.keys():
         value = named[name]
         if isinstance(value, (list, tuple)) and len(value) not in (1, axes):
-            _refuse(f"{name} {list(value)} for a convolution over {axes} axes")
+            refuse(f"{name} {list(value)} for a convolution over {axes} axes")
 
 
 def _writes_first_argument(target: torch._ops.OpOverload) -> bool:

@@ -38,7 +38,8 @@ DEFAULTS = {
 }
 
 
-def _refuse(message: str) -> NoReturn:
+def refuse(message: str) -> NoReturn:
+    """A size rule's refusal: a RuntimeError, as a kernel's."""
     raise RuntimeError(message)
 
 
@@ -56,7 +57,7 @@ def _per_axis(named: dict[str, Any], name: str, axes: int, empty_is: str | None 
     if len(values) == 1:
         values *= axes
     if len(values) != axes or not all(type(v) is int for v in values):
-        _refuse(f"{name} {value} for a window over {axes} axes")
+        refuse(f"{name} {value} for a window over {axes} axes")
     return values
 
 
@@ -71,28 +72,29 @@ def _convolution(order: Sequence[str], transposed: bool | None, unbatched: bool)
         axes = weight.dim() - 2
         batched = x.dim() == weight.dim()
         if axes < 1 or not (batched or (unbatched and x.dim() == weight.dim() - 1)):
-            _refuse(f"an input of {tuple(x.shape)} for a weight of {tuple(weight.shape)}")
+            refuse(f"an input of {tuple(x.shape)} for a weight of {tuple(weight.shape)}")
         if type(groups) is not int or groups < 1:
-            _refuse(f"groups {groups}")
+            refuse(f"groups {groups}")
         stride, dilation = _per_axis(named, "stride", axes), _per_axis(named, "dilation", axes)
         channels, spatial = x.shape[-axes - 1], list(x.shape[-axes:])
         kernel = list(weight.shape[2:])
         if min(stride) < 1 or min(dilation) < 1:
-            _refuse(f"stride {stride} and dilation {dilation} must be positive")
+            refuse(f"stride {stride} and dilation {dilation} must be positive")
         if weight.shape[0] < groups or weight.shape[0] % groups:
-            _refuse(f"a weight of {tuple(weight.shape)} for {groups} groups")
+            refuse(f"a weight of {tuple(weight.shape)} for {groups} groups")
         out_channels = weight.shape[1] * groups if flipped else weight.shape[0]
         expected_channels = weight.shape[0] if flipped else weight.shape[1] * groups
         if channels != expected_channels:
-            _refuse(f"an input of {tuple(x.shape)} with {channels} channels for a weight of {tuple(weight.shape)}")
+            refuse(f"an input of {tuple(x.shape)} with {channels} channels for a weight of {tuple(weight.shape)}")
         if isinstance(bias, torch.Tensor) and (bias.dim() != 1 or bias.shape[0] != out_channels):
-            _refuse(f"a bias of {tuple(bias.shape)} for {out_channels} output channels")
-        if "output_padding" in order and min(_per_axis(named, "output_padding", axes)) < 0:
-            _refuse(f"negative output padding {named['output_padding']}")  # checked if unused, too
+            refuse(f"a bias of {tuple(bias.shape)} for {out_channels} output channels")
+        extra = _per_axis(named, "output_padding", axes)  # checked where unused, too (torch does)
+        if min(extra) < 0:
+            refuse(f"negative output padding {extra}")
         if isinstance(named["padding"], str):
             sizes = _padded_by_name(named["padding"], spatial, kernel, stride, dilation)
         elif flipped:
-            sizes = _transposed_sizes(named, spatial, kernel, stride, dilation, axes)
+            sizes = _transposed_sizes(_per_axis(named, "padding", axes), extra, spatial, kernel, stride, dilation)
         else:
             sizes = _direct_sizes(_per_axis(named, "padding", axes), spatial, kernel, stride, dilation)
         return [*([x.shape[0]] if batched else []), out_channels, *sizes]
@@ -104,11 +106,11 @@ def _direct_sizes(
     padding: list[int], spatial: list[int], kernel: list[int], stride: list[int], dilation: list[int]
 ) -> list[int]:
     if min(padding) < 0:
-        _refuse(f"negative padding {padding}")
+        refuse(f"negative padding {padding}")
     spans = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
     padded = [n + 2 * p for n, p in zip(spatial, padding)]
     if any(n < span for n, span in zip(padded, spans)):
-        _refuse(f"a kernel of {spans} (dilated) is larger than the padded input {padded}")
+        refuse(f"a kernel of {spans} (dilated) is larger than the padded input {padded}")
     return [(n - span) // s + 1 for n, span, s in zip(padded, spans, stride)]
 
 
@@ -120,23 +122,22 @@ def _padded_by_name(
         return _direct_sizes([0] * len(spatial), spatial, kernel, stride, dilation)
     if padding == "same" and max(stride) == 1:
         return spatial
-    _refuse(f"padding {padding!r} with stride {stride}")
+    refuse(f"padding {padding!r} with stride {stride}")
 
 
 def _transposed_sizes(
-    named: dict[str, Any], spatial: list[int], kernel: list[int], stride: list[int], dilation: list[int], axes: int
+    padding: list[int], extra: list[int], spatial: list[int], kernel: list[int], stride: list[int], dilation: list[int]
 ) -> list[int]:
-    padding, extra = _per_axis(named, "padding", axes), _per_axis(named, "output_padding", axes)
     if min(padding) < 0:
-        _refuse(f"negative padding {padding}")
+        refuse(f"negative padding {padding}")
     if any(e >= s and e >= d for e, s, d in zip(extra, stride, dilation)):
-        _refuse(f"output padding {extra} must be smaller than the stride {stride} or the dilation {dilation}")
+        refuse(f"output padding {extra} must be smaller than the stride {stride} or the dilation {dilation}")
     sizes = [
         (n - 1) * s - 2 * p + d * (k - 1) + e + 1
         for n, s, p, d, k, e in zip(spatial, stride, padding, dilation, kernel, extra)
     ]
     if min(sizes) < 1:
-        _refuse(f"output size {sizes} is too small")
+        refuse(f"output size {sizes} is too small")
     return sizes
 
 
@@ -152,21 +153,21 @@ def _pool(order: Sequence[str], axes: int, dilated: bool, unpadded: bool = False
         padding = _per_axis(named, "padding", axes)
         dilation = _per_axis(named, "dilation", axes) if dilated else [1] * axes
         if x.dim() not in (axes + 1, axes + 2) or 0 in x.shape[x.dim() - axes - 1 :]:
-            _refuse(f"an input of {tuple(x.shape)} for a window over {axes} axes")
+            refuse(f"an input of {tuple(x.shape)} for a window over {axes} axes")
         if min(kernel) < 1 or min(stride) < 1 or min(dilation) < 1:
-            _refuse(f"kernel {kernel}, stride {stride} and dilation {dilation} must be positive")
+            refuse(f"kernel {kernel}, stride {stride} and dilation {dilation} must be positive")
         if any(p < 0 or p > k // 2 for p, k in zip(padding, kernel)):
-            _refuse(f"padding {padding} must be at most half the kernel {kernel}")
+            refuse(f"padding {padding} must be at most half the kernel {kernel}")
         if unpadded and any(n < k for n, k in zip(x.shape[-axes:], kernel)):
-            _refuse(f"an input of {tuple(x.shape)} smaller than the kernel {kernel}")
+            refuse(f"an input of {tuple(x.shape)} smaller than the kernel {kernel}")
         if named.get("divisor_override") == 0:
-            _refuse("divisor_override 0")
+            refuse("divisor_override 0")
         ceil = bool(named["ceil_mode"])
         sizes = [
             _pooled(n, k, s, p, d, ceil) for n, k, s, p, d in zip(x.shape[-axes:], kernel, stride, padding, dilation)
         ]
         if min(sizes) < 1:
-            _refuse(f"output size {sizes} is too small for an input of {tuple(x.shape)}")
+            refuse(f"output size {sizes} is too small for an input of {tuple(x.shape)}")
         return [*x.shape[: x.dim() - axes], *sizes]
 
     return rule
